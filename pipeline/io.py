@@ -1,0 +1,57 @@
+"""File helpers shared by every stage: fsspec paths and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from typing import Any, Iterator
+
+import fsspec
+
+
+def is_local(path: str) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator[Any]:
+    """Write to a temporary name beside ``path`` and rename on success.
+
+    A reader never sees a half-written file: on a local disk the rename is atomic; on object
+    stores (s3://, gs://) an object only becomes visible when its upload completes.
+    """
+    path = str(path)
+    if not is_local(path):
+        with fsspec.open(path, mode) as f:
+            yield f
+        return
+    path = path.removeprefix("file://")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj: Any) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
+def read_json(path: str) -> Any:
+    with fsspec.open(str(path), "r") as f:
+        return json.load(f)
+
+
+def exists(path: str) -> bool:
+    fs, p = fsspec.core.url_to_fs(str(path))
+    return fs.exists(p)
