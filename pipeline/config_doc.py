@@ -1,0 +1,121 @@
+"""The README's configuration reference, generated from the config schemas.
+
+    python -m pipeline.config_doc           # print the reference (markdown)
+    python -m pipeline.config_doc --write   # replace the README block between its markers
+
+Every key of every command's schema, with its type, default and the comment written beside
+the field in the schema's source, so the reference cannot drift from the code
+(``tests/test_config_doc.py`` fails when the README block is stale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import re
+import typing
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- section:config-reference -->", "<!-- /section:config-reference -->"
+
+# command -> "module:Schema" of its root config.
+SCHEMAS = {
+    "python -m pipeline.download": "pipeline.download:DownloadConfig",
+    "python -m pipeline.build_shards": "pipeline.build_shards:BuildShardsConfig",
+    "torchrun -m train.main": "train.config:TrainConfig",
+    "python -m pipeline.evaluate": "pipeline.evaluate:EvalConfig",
+    "python -m pipeline.demo": "pipeline.demo:DemoConfig",
+}
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+
+
+def field_comments(schema: type) -> dict[str, str]:
+    """``name -> comment`` from the ``field: type = default  # comment`` lines of the class source."""
+    comments = {}
+    for klass in reversed(schema.__mro__):  # subclasses' comments win
+        if dataclasses.is_dataclass(klass):
+            for line in inspect.getsource(klass).splitlines():
+                match = _FIELD_COMMENT.match(line)
+                if match:
+                    comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def _type_name(tp) -> str:
+    text = getattr(tp, "__name__", None) if not typing.get_args(tp) else None
+    return text or re.sub(r"\b(\w+\.)+(\w+)", r"\2", str(tp)).replace("NoneType", "None")
+
+
+def _default(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        return f"`{field.default!r}`"
+    if field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+        return "(section)" if dataclasses.is_dataclass(value) else f"`{value!r}`"
+    return "**required**"
+
+
+def rows(schema: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) for every key of ``schema``, sections flattened."""
+    hints, comments = typing.get_type_hints(schema), field_comments(schema)
+    out = []
+    for field in dataclasses.fields(schema):
+        key, tp = prefix + field.name, hints[field.name]
+        item = (typing.get_args(tp) or (None,))[0] if typing.get_origin(tp) is list else None
+        if hasattr(tp, "config_for"):
+            out.append((f"{key}.name", "str", "**required**",
+                        f"registered name; the section's other keys are those of that entry's `Config`. {comments.get(field.name, '')}".strip()))
+        elif dataclasses.is_dataclass(tp):
+            doc = (tp.__doc__ or "").strip().splitlines()[0] if tp.__doc__ and not tp.__doc__.startswith(tp.__name__ + "(") else ""
+            out.append((key, tp.__name__, _default(field), comments.get(field.name, "") or doc))
+            out += rows(tp, key + ".")
+        else:
+            out.append((key, _type_name(tp), _default(field), comments.get(field.name, "")))
+            if dataclasses.is_dataclass(item):
+                out += rows(item, key + "[].")
+    return out
+
+
+def reference() -> str:
+    """The whole reference as markdown: one table per command."""
+    parts = []
+    for command, target in SCHEMAS.items():
+        module, name = target.split(":")
+        try:
+            schema = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            parts.append(f"### `{command}`\n\nNot built yet (`{target}`).\n")
+            continue
+        table = ["| key | type | default | meaning |", "|---|---|---|---|"]
+        table += [f"| `{k}` | `{t}` | {d} | {m.replace('|', '/')} |" for k, t, d, m in rows(schema)]
+        parts.append(f"### `{command}`\n\nSchema `{target}`.\n\n" + "\n".join(table) + "\n")
+    return "\n".join(parts)
+
+
+def readme_block(text: str) -> str:
+    """The current content between the reference markers of the README text."""
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    return text[start:end].strip("\n")
+
+
+def write_readme(path: Path = README) -> None:
+    text = path.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    path.write_text(text[:start] + "\n" + reference() + text[end:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help=f"update the block in {README.name}")
+    args = parser.parse_args()
+    if args.write:
+        write_readme()
+    else:
+        print(reference(), end="")
+
+
+if __name__ == "__main__":
+    main()
