@@ -26,7 +26,7 @@ SCHEMAS = {
     "python -m pipeline.download": "pipeline.download:DownloadConfig",
     "python -m pipeline.build_shards": "pipeline.build_shards:BuildShardsConfig",
     "torchrun -m train.main": "train.config:TrainConfig",
-    "python -m pipeline.evaluate": "pipeline.evaluate:EvalConfig",
+    "python -m pipeline.evaluate": "pipeline.evaluation:EvalConfig",
     "python -m pipeline.demo": "pipeline.demo:DemoConfig",
 }
 _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")

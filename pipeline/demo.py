@@ -93,7 +93,7 @@ STAGES = (
     Stage("seed_train", "train.main", lambda p: [], distributed=True),
     Stage("curate", "pipeline.build_shards", _curate_args("raw", "shards")),
     Stage("train", "train.main", lambda p: [], distributed=True),
-    Stage("evaluate", "pipeline.evaluate", lambda p: ["--checkpoint", str(p["run"])]),
+    Stage("evaluate", "pipeline.evaluate", lambda p: ["--checkpoint", str(p["run"]), "--output", str(p["eval"])]),
 )
 
 

@@ -49,7 +49,7 @@ def duplicate_quality(rows: pd.DataFrame) -> dict[str, float]:
     removed copies against ``size - 1`` per group; ``distinct_images_dropped`` counts groups
     (singletons included) left with no member, i.e. images lost from the dataset.
     """
-    reached = rows[rows["reached_dedupe"]]
+    reached = rows[rows["reached_dedupe"] & (rows["fault"] != "eval_copy")]  # decontamination is scored apart
     group = reached["dup_of"].where(reached["dup_of"] >= 0, reached["id"])
     groups = pd.DataFrame({"group": group, "removed": reached["removed_by_dedupe"]}).groupby("group")["removed"]
     size, removed = groups.size(), groups.sum()
