@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 T = TypeVar("T")
 _CLI = "the command line"
@@ -194,8 +196,8 @@ def _build(schema: type, raw: Any, prefix: str, origin: dict[str, str], base_dir
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f" (known keys: {', '.join(fields)})"
-            raise ConfigError(f"unknown key {prefix}{key!r} in {_source(origin, prefix + str(key))}{hint}")
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(fields)})"
+            raise ConfigError(f"unknown key '{prefix}{key}' in {_source(origin, prefix + str(key))}{hint}")
     values = {}
     for name, field in fields.items():
         key = prefix + name
@@ -267,6 +269,8 @@ def _coerce(tp: Any, value: Any, key: str, origin: dict[str, str], base_dir: Pat
             raise wrong()
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 3e-4 as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong()
         return float(value)
