@@ -1,0 +1,65 @@
+"""Evaluate a checkpoint: ``python -m pipeline.evaluate --checkpoint PATH --config configs/eval/NAME.yaml [key=value ...]``.
+
+Also under ``torchrun --nproc_per_node N``: the ranks split the embedding work (gloo on
+CPU, NCCL on GPU) and produce the same numbers as one process. Results go to
+``RUN_DIR/eval/`` for a run directory, else to ``--output``; the JSON results are also
+printed on stdout by rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from pipeline import config
+from pipeline.encoder import Encoder
+from pipeline.evaluation import EvalConfig, run
+from pipeline.log import setup_logging
+from train.gather import world
+
+
+def init_distributed(cfg: EvalConfig) -> EvalConfig:
+    """Join the process group torchrun describes (if any); "cuda" becomes this rank's GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    if cfg.device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        cfg.device = f"cuda:{local_rank}"
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[EvalConfig, str]:
+    """(config, log level) from ``--checkpoint PATH --config FILE [key=value ...]``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="run dir, checkpoint dir or open_clip:MODEL[:WEIGHTS] (= checkpoint=...)")
+    parser.add_argument("--output", help="output folder (default: RUN_DIR/eval)")
+    parser.add_argument("--log-level", default="INFO")
+    config.add_arguments(parser, default=config.CONFIG_ROOT / "eval" / "fashion_mnist.yaml")
+    args = parser.parse_args(argv)
+    return config.from_args(EvalConfig, args, extra={"checkpoint": args.checkpoint, "output": args.output}), args.log_level
+
+
+def evaluate(cfg: EvalConfig, log_level: str = "INFO", encoder: Encoder | None = None) -> list[dict]:
+    """Run ``cfg`` as this process's rank (joining torchrun's group, if any); the results on every rank."""
+    cfg = init_distributed(cfg)
+    setup_logging(log_level, *world())
+    return run(cfg, encoder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        results = evaluate(*parse_args(argv))
+        if world()[0] == 0:
+            print(json.dumps([{k: r[k] for k in ("model", "dataset", "task", "metrics")} for r in results], indent=2))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
