@@ -1,0 +1,50 @@
+"""Shared fixtures of the trainer tests (also used by the ALBEF, SimCLR/MoCo and eval tests)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.embedded import CLASSNAMES, fashion_mnist_test
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_fmnist_shards(out: Path, count: int, shards: int) -> Path:
+    """``out/shards/{000000..}.tar`` of captioned Fashion-MNIST JPEGs plus ``out/sizes.json``."""
+    images, labels = fashion_mnist_test()
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    sizes, per_shard = {}, count // shards
+    for shard in range(shards):
+        name = f"shards/{shard:06d}.tar"
+        with wds.TarWriter(str(out / name)) as sink:
+            for i in range(shard * per_shard, (shard + 1) * per_shard):
+                jpeg = io.BytesIO()
+                Image.fromarray(images[i]).convert("RGB").save(jpeg, format="JPEG", quality=90)
+                caption = f"a photo of a {CLASSNAMES[labels[i]]}"
+                sink.write({"__key__": f"fmnist{i:06d}", "jpg": jpeg.getvalue(), "txt": caption,
+                            "json": json.dumps({"label": int(labels[i])})})
+        sizes[name] = per_shard
+    (out / "sizes.json").write_text(json.dumps(sizes))
+    return out
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(tmp_path_factory) -> Path:
+    """A shard directory of 1024 captioned Fashion-MNIST test images ("a photo of a sneaker"), 8 shards."""
+    return write_fmnist_shards(tmp_path_factory.mktemp("fmnist"), count=1024, shards=8)
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 240, **popen) -> subprocess.CompletedProcess:
+    """Run ``torchrun --nproc_per_node nproc ARGS`` from the repo root (real processes, gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **popen)

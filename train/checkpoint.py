@@ -1,0 +1,98 @@
+"""Checkpoints: DeepSpeed's engine state (any ZeRO stage) plus this trainer's state, per rank.
+
+Layout of ``run_dir/checkpoints/``::
+
+    step_0000100/            DeepSpeed's files (model, optimizer partitions) written by every rank
+        trainer_rank{r}.pt   step, data position and RNG states of rank r
+        config.yaml          the resolved config (rebuilds the model for export)
+    latest                   the tag of the newest complete checkpoint
+
+``latest`` moves (atomically) only after every rank has finished writing, so a job killed
+mid-save resumes from the previous checkpoint. The last ``keep_last`` tags are kept.
+"""
+
+from __future__ import annotations
+
+import random
+
+import fsspec
+import numpy as np
+import torch
+
+from pipeline import config as config_io
+from pipeline.io import atomic_write, exists
+from pipeline.log import get_logger
+from train.parallel import barrier
+
+log = get_logger(__name__)
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def resolve(spec: str) -> tuple[str, str]:
+    """(checkpoints dir, tag) of a run dir, a checkpoints dir or a tag dir."""
+    spec = spec.rstrip("/")
+    for folder in (f"{spec}/checkpoints", spec):
+        if exists(f"{folder}/latest"):
+            with fsspec.open(f"{folder}/latest", "r") as f:
+                return folder, f.read().strip()
+    if exists(f"{spec}/config.yaml"):  # a tag directory
+        folder, _, tag = spec.rpartition("/")
+        return folder, tag
+    raise FileNotFoundError(f"no checkpoint at {spec} (expected a run dir, a checkpoints dir or a step_* dir)")
+
+
+class Checkpointer:
+    def __init__(self, folder: str, every: int, keep_last: int, rank: int, cfg):
+        self.folder, self.every, self.keep_last, self.rank, self.cfg = folder.rstrip("/"), every, keep_last, rank, cfg
+
+    def maybe_save(self, engine, step: int, last: bool, trainer_state: dict) -> None:
+        if last or (self.every and step % self.every == 0):
+            self.save(engine, step, trainer_state)
+
+    def save(self, engine, step: int, trainer_state: dict) -> None:
+        tag = tag_for(step)
+        engine.save_checkpoint(self.folder, tag=tag, save_latest=False)  # collective: every rank writes its part
+        with atomic_write(f"{self.folder}/{tag}/trainer_rank{self.rank}.pt") as f:
+            torch.save({**trainer_state, "rng": rng_state()}, f)
+        if self.rank == 0:
+            config_io.save(self.cfg, f"{self.folder}/{tag}/config.yaml")
+        barrier()  # every rank's files are complete before `latest` points at them
+        if self.rank == 0:
+            with atomic_write(f"{self.folder}/latest", "w") as f:
+                f.write(tag)
+            self._prune()
+        log.info("saved checkpoint %s", tag)
+
+    def _prune(self) -> None:
+        fs, root = fsspec.core.url_to_fs(self.folder)
+        tags = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("step_"))
+        for tag in tags[:-self.keep_last]:
+            fs.rm(f"{root}/{tag}", recursive=True)
+
+    def load(self, engine, spec: str) -> dict:
+        """Restore the engine and return this rank's trainer state (RNG already restored)."""
+        folder, tag = resolve(spec)
+        engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        with fsspec.open(f"{folder}/{tag}/trainer_rank{self.rank}.pt", "rb") as f:
+            state = torch.load(f, weights_only=False)
+        set_rng_state(state.pop("rng"))
+        log.info("resumed from %s/%s at step %d", folder, tag, state["step"])
+        return state

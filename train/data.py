@@ -1,0 +1,348 @@
+"""The training data path: WebDataset shards -> augmented, tokenized batches, resumable mid-epoch.
+
+One worker's stream is a ``webdataset.DataPipeline`` of small generator stages::
+
+    shard_order    {"url"} in an order seeded by (seed, epoch, pass), split by node then worker
+    url_opener, tar_file_expander, group_by_keys     (webdataset) -> raw samples {"__key__", "jpg", "txt"}
+    complete       drop (and count) samples without an image or a needed caption
+    shuffle        sample buffer seeded by (seed, epoch, stream)
+    skip           resume: drop the samples this stream consumed before the checkpoint, undecoded
+    decode         PIL (JPEG draft mode when larger than needed) + the named transform, seeded per sample
+    batch          stack, tokenize captions, attach the stream position and skip counts
+
+Every stream (rank x worker) yields exactly ``batches_per_stream`` batches per epoch (its
+shards repeat if needed), so no rank waits at the end of an epoch. Resume is deterministic
+replay: the same order is rebuilt and consumed samples are skipped before decoding.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import itertools
+import math
+import random
+import tarfile
+import zlib
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from pipeline.io import exists, read_json
+from pipeline.log import get_logger
+from pipeline.registry import Registry
+from train import tokenizers
+from train.config import DataConfig
+from train.contract import DataContract
+
+log = get_logger(__name__)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TRANSFORMS: Registry = Registry("transform")
+
+
+# ---------------------------------------------------------------------------- transforms
+
+
+def _normalize(contract: DataContract) -> list:
+    return [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(contract.mean, contract.std)]
+
+
+def _interpolation(contract: DataContract) -> T.InterpolationMode:
+    return T.InterpolationMode(contract.interpolation)
+
+
+@TRANSFORMS.register("clip_train")
+def clip_train(cfg: DataConfig, contract: DataContract) -> Callable[[Image.Image], dict]:
+    crop = T.RandomResizedCrop(contract.image_size, scale=cfg.crop_scale, interpolation=_interpolation(contract))
+    transform = T.Compose([crop, *_normalize(contract)])
+    return lambda image: {"image": transform(image)}
+
+
+@TRANSFORMS.register("eval")
+def eval_transform(cfg: DataConfig | None, contract: DataContract) -> Callable[[Image.Image], dict]:
+    resize = T.Resize(contract.image_size, interpolation=_interpolation(contract))
+    transform = T.Compose([resize, T.CenterCrop(contract.image_size), *_normalize(contract)])
+    return lambda image: {"image": transform(image)}
+
+
+def _register_optional_transforms() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("train.transforms_ssl"):  # SimCLR / MoCo views, registered on import
+        importlib.import_module("train.transforms_ssl")
+
+
+# ---------------------------------------------------------------------------- shards
+
+
+def shard_list(path: str, num_samples: int = 0) -> tuple[list[str], int]:
+    """(shard urls, samples per epoch) of a shard directory (sizes.json) or a brace pattern."""
+    if path.endswith(".tar") or "{" in path:
+        if num_samples <= 0:
+            raise ValueError(f"data.num_samples is required with a shard pattern ({path})")
+        return list(wds.shardlists.expand_urls(path)), num_samples
+    sizes_file = f"{path.rstrip('/')}/sizes.json"
+    if not exists(sizes_file):
+        raise ValueError(f"{path} is neither a shard pattern nor a directory with sizes.json")
+    sizes = read_json(sizes_file)
+    return [f"{path.rstrip('/')}/{name}" for name in sorted(sizes)], num_samples or sum(sizes.values())
+
+
+def sample_id(key: str) -> int:
+    """A stable 63-bit id of a sample key (same on every machine and run)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+class SkipCounter:
+    """Counts skipped input by reason; the webdataset handler for unreadable tars."""
+
+    def __init__(self, counts: dict[str, int] | None = None, muted: bool = False):
+        self.counts: collections.Counter = collections.Counter(counts or {})
+        self.muted = muted  # while replaying to a resume position whose counts are already known
+        self.read = 0  # raw samples read, to notice shards that hold none
+
+    def skip(self, reason: str) -> None:
+        if not self.muted:
+            self.counts[reason] += 1
+
+    def handler(self, exn: Exception) -> bool:
+        if isinstance(exn, (tarfile.TarError, EOFError, zlib.error)):
+            self.skip("truncated_tar")
+            log.warning("skipping the rest of a shard: %s", exn)
+            return True
+        raise exn
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def shard_order(shards: list[str], seed: int, epoch: int, rank: int, world: int, worker: int, workers: int,
+                counter: SkipCounter) -> Iterator[dict]:
+    """Endless passes over this stream's shards: all ranks shuffle alike, split by node, then by worker."""
+    for repeat in itertools.count():
+        order = list(shards)
+        random.Random(_seed(seed, epoch, repeat)).shuffle(order)
+        read_before = counter.read
+        yield from ({"url": url} for url in order[rank::world][worker::workers])
+        if counter.read == read_before:
+            raise ValueError(f"no readable sample in {order[rank::world][worker::workers]} (rank {rank}, worker {worker})")
+
+
+def resampled_order(sources: list[tuple[list[str], float]], seed: int) -> Iterator[dict]:
+    """Endless shards drawn with replacement: a source by weight, then a shard of it uniformly."""
+    rng = random.Random(seed)
+    weights = [weight for _, weight in sources]
+    while True:
+        shards, _ = rng.choices(sources, weights)[0]
+        yield {"url": rng.choice(shards)}
+
+
+def complete(samples: Iterator[dict], counter: SkipCounter, text: bool) -> Iterator[dict]:
+    """Samples with an image (and a caption when needed); others are counted."""
+    for sample in samples:
+        counter.read += 1
+        if not any(ext in sample for ext in IMAGE_EXTENSIONS):
+            counter.skip("missing_image")
+        elif text and "txt" not in sample:
+            counter.skip("missing_caption")
+        else:
+            yield sample
+
+
+def shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Buffer shuffle with an explicit RNG (reproducible, unlike webdataset's default)."""
+    buffer: list[dict] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= size:
+            index = rng.randrange(len(buffer))
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def skip(samples: Iterator[dict], count: int, counter: SkipCounter) -> Iterator[dict]:
+    """Resume: drop the samples consumed before the checkpoint (undecoded), then count skips again."""
+    for _ in itertools.islice(samples, count):
+        pass
+    counter.muted = False
+    yield from samples
+
+
+def number(samples: Iterator[dict], start: int) -> Iterator[dict]:
+    """Tag each sample with its 1-based position in the stream (the resumable position)."""
+    for position, sample in enumerate(samples, start=start + 1):
+        sample["__position__"] = position
+        yield sample
+
+
+def decode_image(data: bytes, draft_size: int) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    if draft_size and image.format == "JPEG":
+        image.draft("RGB", (draft_size, draft_size))  # DCT scaling: both sides stay >= draft_size
+    return image.convert("RGB")
+
+
+def decode(samples: Iterator[dict], transform: Callable, counter: SkipCounter, text: bool, draft_size: int,
+           seed: int) -> Iterator[dict]:
+    """Raw sample -> {"image" | views..., "caption", "sample_id", "__position__"}; bad ones are counted."""
+    for sample in samples:
+        data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
+        try:
+            image = decode_image(data, draft_size)
+        except Image.DecompressionBombError:
+            counter.skip("decode_bomb")
+            continue
+        except (OSError, ValueError, SyntaxError):
+            counter.skip("corrupt_image")
+            continue
+        # Augmentation randomness from the sample's place in the stream: replay-exact on resume.
+        torch.default_generator.manual_seed(_seed(seed, sample["__position__"]) % 2**63)  # CPU only: cheap
+        out = transform(image)
+        if text:
+            out["caption"] = sample["txt"].decode("utf-8", errors="replace").strip()
+        out["sample_id"] = sample_id(sample["__key__"])
+        out["__position__"] = sample["__position__"]
+        yield out
+
+
+def batch(samples: Iterator[dict], size: int, tokenize: Callable | None, counter: SkipCounter,
+          stream: int) -> Iterator[dict]:
+    """Stack ``size`` samples; the batch carries the stream id, position and skip counts so far."""
+    while chunk := list(itertools.islice(samples, size)):
+        if len(chunk) < size:
+            return
+        out = {key: torch.stack([s[key] for s in chunk]) for key, value in chunk[0].items()
+               if isinstance(value, torch.Tensor)}
+        out["sample_id"] = torch.tensor([s["sample_id"] for s in chunk], dtype=torch.int64)
+        if tokenize is not None:
+            out.update(tokenize([s["caption"] for s in chunk]))
+        out["__stream__"], out["__position__"] = stream, chunk[-1]["__position__"]
+        out["__skips__"] = dict(counter.counts)
+        yield out
+
+
+# ---------------------------------------------------------------------------- streams and loader
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """This rank's batches for one epoch; in each DataLoader worker, one stream of the rank."""
+
+    def __init__(self, cfg: DataConfig, contract: DataContract, rank: int, world: int, seed: int):
+        super().__init__()
+        self.cfg, self.rank, self.world, self.seed = cfg, rank, world, seed
+        self.workers = max(1, cfg.workers)
+        self.shards, self.num_samples = shard_list(cfg.path, cfg.num_samples) if cfg.path else ([], 0)
+        self.sources = [(self.shards, 1.0)] if cfg.path else []
+        for source in cfg.sources:
+            shards, count = shard_list(source.path, cfg.num_samples)
+            self.sources.append((shards, source.weight))
+            self.num_samples = self.num_samples or count
+        self.batches_per_stream = self.num_samples // (world * self.workers * cfg.batch_size)
+        self._check()
+        _register_optional_transforms()
+        self.transform = TRANSFORMS.build(cfg.transform, cfg, contract)
+        self.tokenize = tokenizers.build(contract) if cfg.text else None  # once, before workers fork
+        self.draft_size = math.ceil(contract.image_size / math.sqrt(cfg.crop_scale[0])) if cfg.draft else 0
+        self.epoch, self.resume = 0, {}
+
+    def _check(self) -> None:
+        streams = self.world * self.workers
+        if not self.cfg.resampled and len(self.shards) < streams:
+            raise ValueError(
+                f"{len(self.shards)} shards cannot feed {self.world} ranks x {self.workers} workers = {streams} "
+                f"streams; reshard into more shards, lower data.workers, or set data.resampled: true")
+        if self.batches_per_stream < 1:
+            raise ValueError(f"{self.num_samples} samples per epoch give no batch of {self.cfg.batch_size} "
+                             f"to each of {streams} streams")
+
+    def set_epoch(self, epoch: int, resume: dict[int, dict]) -> None:
+        """Next epoch to iterate; ``resume`` maps stream -> {"position", "batches"} already consumed."""
+        self.epoch, self.resume = epoch, resume
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        # After a mid-epoch resume, the first fresh worker continues the stream whose turn it was.
+        offset = sum(state["batches"] for state in self.resume.values()) % self.workers
+        stream = (worker + offset) % self.workers
+        state = self.resume.get(stream, {"position": 0, "batches": 0, "skips": {}})
+        return itertools.islice(self.pipeline(stream, state), self.batches_per_stream - state["batches"])
+
+    def pipeline(self, worker: int, state: dict) -> wds.DataPipeline:
+        cfg, position = self.cfg, state["position"]
+        counter = SkipCounter(state["skips"], muted=position > 0)
+        stream_seed = _seed(self.seed, self.epoch, self.rank, worker)
+        if cfg.resampled:
+            source = resampled_order(self.sources, _seed(stream_seed, "shards"))
+        else:
+            source = shard_order(self.shards, self.seed, self.epoch, self.rank, self.world, worker, self.workers,
+                                 counter)
+        return wds.DataPipeline(
+            lambda: source,
+            partial(wds.tariterators.url_opener, handler=counter.handler),
+            partial(wds.tariterators.tar_file_expander, handler=counter.handler),
+            partial(wds.tariterators.group_by_keys, handler=counter.handler),
+            partial(complete, counter=counter, text=cfg.text),
+            partial(shuffle, size=cfg.shuffle_buffer, rng=random.Random(stream_seed)),
+            partial(skip, count=position, counter=counter),
+            partial(number, start=position),
+            partial(decode, transform=self.transform, counter=counter, text=cfg.text, draft_size=self.draft_size,
+                    seed=stream_seed),
+            partial(batch, size=cfg.batch_size, tokenize=self.tokenize, counter=counter, stream=worker),
+        )
+
+
+class TrainLoader:
+    """Endless batches for this rank, epoch after epoch, with a resumable position.
+
+    A DataLoader yields its workers' batches round-robin, so the position is just: epoch,
+    and per stream the samples consumed and batches delivered.
+    """
+
+    def __init__(self, cfg: DataConfig, contract: DataContract, rank: int, world: int, seed: int):
+        self.dataset = ShardStream(cfg, contract, rank, world, seed)
+        self.cfg = cfg
+        self.batches_per_epoch = self.dataset.batches_per_stream * self.dataset.workers
+        self.epoch, self.streams = 0, {}
+        self.skips_before: collections.Counter = collections.Counter()  # from finished epochs
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            self.dataset.set_epoch(self.epoch, dict(self.streams))
+            loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers,
+                                                 prefetch_factor=4 if self.cfg.workers else None)
+            for item in loader:
+                stream = item.pop("__stream__")
+                self.streams[stream] = {"position": item.pop("__position__"), "skips": item.pop("__skips__"),
+                                        "batches": self.streams.get(stream, {}).get("batches", 0) + 1}
+                yield item
+            self.skips_before.update(self.skips_this_epoch())
+            self.epoch, self.streams = self.epoch + 1, {}
+
+    def skips_this_epoch(self) -> collections.Counter:
+        total: collections.Counter = collections.Counter()
+        for state in self.streams.values():
+            total.update(state["skips"])
+        return total
+
+    def skipped(self) -> dict[str, int]:
+        """Skipped input so far, by reason (all epochs, this rank)."""
+        return dict(self.skips_before + self.skips_this_epoch())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "streams": self.streams, "skips_before": dict(self.skips_before)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.streams = state["epoch"], {int(k): v for k, v in state["streams"].items()}
+        self.skips_before = collections.Counter(state["skips_before"])

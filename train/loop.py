@@ -1,0 +1,129 @@
+"""The trainer: components built from the config, then nanoGPT's loop order.
+
+Per step: ``lr_at(step)``, the objective's ``start_step`` hook, ``grad_accum`` micro-steps
+(forward, ``engine.backward``, ``engine.step``), the finite check, ``end_step`` (temperature
+clamp, EMA), checkpoint, metrics. Objectives never see DeepSpeed; the engine never sees
+objective-specific code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from pipeline import config as config_io
+from pipeline.log import get_logger, progress, setup_logging
+from train import checkpoint, metrics, optim, parallel
+from train.config import TrainConfig
+from train.data import TrainLoader
+from train.registry import MODELS, OBJECTIVES
+
+log = get_logger(__name__)
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Move tensors to the device; floating ones take the engine's dtype (bf16 or fp32)."""
+    return {k: v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+            for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        import train.models  # noqa: F401  (fill the registries)
+        import train.objectives  # noqa: F401
+
+        self.cfg = cfg
+        self.dist = parallel.init_distributed(cfg.run, cfg.parallel)
+        setup_logging(cfg.log.level, self.dist.rank, self.dist.world)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        model = MODELS.build(cfg.model.name, cfg.model)
+        self.objective = OBJECTIVES.build(cfg.objective.name, cfg.objective, model)
+        self.loader = TrainLoader(cfg.data, model.contract, self.dist.rank, self.dist.world, cfg.run.seed)
+        self.steps_per_epoch = self.loader.batches_per_epoch // cfg.parallel.grad_accum
+        self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
+        self.global_batch = cfg.data.batch_size * cfg.parallel.grad_accum * self.dist.world
+        if hasattr(self.objective, "check"):
+            self.objective.check(cfg.data.batch_size * self.dist.world, self.dist.world)
+        self.optimizer = optim.build_optimizer(self.objective, cfg.optim, self.dist.device)
+        ds_config = parallel.deepspeed_config(cfg.parallel, cfg.run, cfg.data.batch_size, self.dist.world)
+        self.engine = parallel.wrap(self.objective.to(self.dist.device), self.optimizer, ds_config,
+                                    cfg.parallel.activation_checkpointing)
+        self.dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32
+        run_dir = cfg.run.run_dir.rstrip("/")
+        self.checkpointer = checkpoint.Checkpointer(f"{run_dir}/checkpoints", cfg.run.ckpt_every,
+                                                    cfg.run.keep_last, self.dist.rank, cfg)
+        if self.dist.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+            config_io.save(cfg, f"{run_dir}/config.yaml")
+        self.metrics = metrics.Metrics(cfg.log, run_dir, cfg.run.log_every, self.dist.rank, self.dist.world,
+                                       self.dist.device, config_io.to_dict(cfg))
+        self.step = 0
+        torch.manual_seed(cfg.run.seed + self.dist.rank)  # per-rank randomness (dropout) from here on
+        log.info("global batch %d = %d x %d accum x %d ranks; %d steps (%d per epoch)", self.global_batch,
+                 cfg.data.batch_size, cfg.parallel.grad_accum, self.dist.world, self.total_steps,
+                 self.steps_per_epoch)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "data": self.loader.state_dict()}
+
+    def maybe_resume(self) -> None:
+        spec = self.cfg.run.resume
+        if spec == "latest":
+            spec = self.checkpointer.folder
+            if not checkpoint_exists(spec):
+                log.info("resume=latest: no checkpoint yet in %s, starting fresh", spec)
+                return
+        if spec:
+            state = self.checkpointer.load(self.engine, spec)
+            self.step = state["step"]
+            self.loader.load_state_dict(state["data"])
+            self.metrics.resume(self.step)
+
+    def train(self) -> None:
+        self.maybe_resume()
+        batches = iter(self.loader)
+        for step in progress(range(self.step, self.total_steps), desc="train", initial=self.step,
+                             total=self.total_steps):
+            lr = optim.lr_at(step, self.total_steps, self.cfg.optim.lr, self.cfg.schedule)
+            optim.set_lr(self.optimizer, lr)
+            out, data_wait = self.train_step(batches, step)
+            self.step = step + 1
+            last = self.step == self.total_steps
+            self.metrics.update(out, self.global_batch // self.dist.world, data_wait)
+            self.checkpointer.maybe_save(self.engine, self.step, last, self.state_dict())
+            if self.metrics.should_log(self.step, last):
+                self.metrics.log(self.step, self.loader.epoch, lr, self.loader.skipped())
+
+    def train_step(self, batches, step: int) -> tuple[dict[str, torch.Tensor], float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns detached terms and data wait."""
+        if hasattr(self.objective, "start_step"):
+            self.objective.start_step(step, self.steps_per_epoch)
+        data_wait, terms = 0.0, {}
+        for _ in range(self.cfg.parallel.grad_accum):
+            start = time.perf_counter()
+            batch = to_device(next(batches), self.dist.device, self.dtype)
+            data_wait += time.perf_counter() - start
+            out = self.engine(batch)
+            if not parallel.all_finite(out["loss"]):
+                raise FloatingPointError(f"non-finite loss at step {step}: {out['loss'].item()}")
+            self.engine.backward(out["loss"])
+            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            for name, value in out.items():
+                terms[name] = terms.get(name, 0.0) + value.detach().float() / self.cfg.parallel.grad_accum
+        if hasattr(self.objective, "end_step"):
+            self.objective.end_step()
+        return terms, data_wait
+
+    def close(self) -> None:
+        self.metrics.close()
+        parallel.shutdown()
+
+
+def checkpoint_exists(folder: str) -> bool:
+    try:
+        checkpoint.resolve(folder)
+        return True
+    except FileNotFoundError:
+        return False

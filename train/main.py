@@ -1,0 +1,30 @@
+"""Train a model: ``torchrun --nproc_per_node N -m train.main --config configs/clip/tiny.yaml [key=value ...]``.
+
+The same command runs as a single process (``python -m train.main ...``) and under
+``srun`` (one task per device; see ``slurm/train_clip.sh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline import config
+from train.config import TrainConfig
+from train.loop import Trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.main", description=__doc__.splitlines()[0])
+    config.add_arguments(parser)
+    cfg = config.from_args(TrainConfig, parser.parse_args(argv))  # config errors raise before any process group
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Training metrics: cross-rank reduction in one place, then JSONL, TensorBoard and wandb.
+
+``metrics.jsonl`` holds one JSON object per logged step (step, epoch, loss, the objective's
+terms, lr, samples_per_s, data_wait_s, mem_rss_gb, skip counters). Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from pipeline.io import is_local
+from pipeline.log import get_logger
+from train.config import LogConfig
+
+log = get_logger(__name__)
+
+
+def _reduce(values: dict[str, float], op: dist.ReduceOp, device: torch.device) -> dict[str, float]:
+    if not values or not dist.is_initialized():
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return dict(zip(values, tensor.tolist()))
+
+
+class Metrics:
+    """Accumulates per-step values; every ``log_every`` steps reduces them and writes one record."""
+
+    def __init__(self, cfg: LogConfig, run_dir: str, log_every: int, rank: int, world: int, device: torch.device,
+                 config: dict):
+        self.cfg, self.run_dir, self.log_every = cfg, run_dir.rstrip("/"), log_every
+        self.rank, self.world, self.device = rank, world, device
+        self.terms: dict[str, float] = {}
+        self.samples, self.data_wait, self.steps_since = 0, 0.0, 0
+        self.started = time.perf_counter()
+        self.writers = self._writers(config) if rank == 0 else []
+
+    def _writers(self, config: dict) -> list:
+        writers = [JsonlWriter(f"{self.run_dir}/metrics.jsonl")]
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writers.append(TensorBoardWriter(SummaryWriter(f"{self.run_dir}/tensorboard")))
+        if self.cfg.wandb_project:
+            import wandb
+
+            writers.append(WandbWriter(wandb.init(project=self.cfg.wandb_project, dir=self.run_dir, config=config,
+                                                  resume="allow")))
+        return writers
+
+    def resume(self, step: int) -> None:
+        """Drop records past ``step`` (written after the checkpoint a resumed run restarts from)."""
+        for writer in self.writers:
+            writer.truncate(step)
+
+    def update(self, out: dict[str, torch.Tensor], samples: int, data_wait: float) -> None:
+        for name, value in out.items():
+            self.terms[name] = self.terms.get(name, 0.0) + float(value.detach())
+        self.samples += samples
+        self.data_wait += data_wait
+        self.steps_since += 1
+
+    def should_log(self, step: int, last: bool) -> bool:
+        return step % self.log_every == 0 or last
+
+    def log(self, step: int, epoch: int, lr: float, skipped: dict[str, int]) -> dict[str, float]:
+        """Reduce over ranks (mean of terms, sum of samples and skips, max of memory and wait) and write."""
+        elapsed = time.perf_counter() - self.started
+        means = _reduce({k: v / self.steps_since for k, v in self.terms.items()}, dist.ReduceOp.SUM, self.device)
+        sums = _reduce({"samples": float(self.samples), **{f"skipped_{k}": float(v) for k, v in skipped.items()}},
+                       dist.ReduceOp.SUM, self.device)
+        rss = psutil.Process().memory_info().rss / 2**30
+        maxima = _reduce({"data_wait_s": self.data_wait, "mem_rss_gb": rss, "elapsed": elapsed}, dist.ReduceOp.MAX,
+                         self.device)
+        record = {"step": step, "epoch": epoch, **{k: v / self.world for k, v in means.items()}, "lr": lr,
+                  "samples_per_s": sums.pop("samples") / max(maxima.pop("elapsed"), 1e-9), **maxima,
+                  **{k: int(v) for k, v in sums.items()}}
+        for writer in self.writers:
+            writer.write(record)
+        self.terms, self.samples, self.data_wait, self.steps_since = {}, 0, 0.0, 0
+        self.started = time.perf_counter()
+        return record
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+class JsonlWriter:
+    def __init__(self, path: str):
+        if not is_local(path):
+            raise ValueError(f"metrics.jsonl needs a local run_dir, got {path}")
+        self.path = path
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def truncate(self, step: int) -> None:
+        self.file.close()
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+        self.file = open(self.path, "a")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardWriter:
+    def __init__(self, writer):
+        self.writer = writer
+
+    def write(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "step":
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def truncate(self, step: int) -> None:
+        pass  # TensorBoard shows the latest value written for a step
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbWriter:
+    def __init__(self, run):
+        self.run = run
+
+    def write(self, record: dict) -> None:
+        self.run.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def truncate(self, step: int) -> None:
+        pass  # wandb's resume="allow" continues the run; steps are monotone after the restart
+
+    def close(self) -> None:
+        self.run.finish()

@@ -1,0 +1,121 @@
+"""CLIP's symmetric InfoNCE over the global batch, dense or in memory-bounded chunks.
+
+Each rank contrasts its b local features against the N = world * b features of all ranks,
+gathered *with* gradient (open_clip's ``local_loss=True, gather_with_grad=True``): the mean
+of the ranks' losses is the loss over the global batch, and since the gather's backward sums
+every rank's gradient into the owner, data-parallel gradient averaging yields exactly that
+loss's gradients.
+
+The chunked form writes the loss of row i as ``lse_i - s * q_i . k_i+``: the positive term is
+a row-wise dot product, and the log-sum-exp over N columns is computed in (c, c) blocks by
+:class:`ChunkedLogSumExp`, whose backward recomputes each block from the saved lse. Peak
+memory is O(c^2 + N * D) instead of the O(b * N) of the (b, N) logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.gather import all_gather_with_grad, world
+from train.parallel import local_shard
+from train.registry import OBJECTIVES
+
+
+class ChunkedLogSumExp(torch.autograd.Function):
+    """``lse_i = log sum_j exp(scale * q_i . k_j)`` for q (b, D), k (N, D), in (c, c) blocks."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, chunk: int) -> torch.Tensor:
+        lse = torch.full((q.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)  # (b,)
+        for rows in range(0, q.shape[0], chunk):
+            q_block = q[rows:rows + chunk]
+            for cols in range(0, k.shape[0], chunk):
+                block = torch.logsumexp(scale * (q_block @ k[cols:cols + chunk].T), dim=1)  # (c,)
+                lse[rows:rows + chunk] = torch.logaddexp(lse[rows:rows + chunk], block)
+        ctx.save_for_backward(q, k, scale, lse)
+        ctx.chunk = chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse: torch.Tensor):
+        q, k, scale, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        # d lse_i / d logit_ij = p_ij (softmax); w_ij = grad_i * p_ij; logit_ij = scale * q_i . k_j
+        dq = torch.zeros_like(q)  # sum_j w_ij k_j      (b, D), before the factor scale
+        dk = torch.zeros_like(k)  # sum_i w_ij q_i      (N, D)
+        for rows in range(0, q.shape[0], chunk):
+            q_block = q[rows:rows + chunk]
+            for cols in range(0, k.shape[0], chunk):
+                k_block = k[cols:cols + chunk]
+                w = (scale * (q_block @ k_block.T)).sub_(lse[rows:rows + chunk, None]).exp_()  # (c, c)
+                w.mul_(grad_lse[rows:rows + chunk, None])
+                dq[rows:rows + chunk].addmm_(w, k_block)
+                dk[cols:cols + chunk].addmm_(w.T, q_block)
+        dscale = (dq * q).sum().reshape(scale.shape)  # sum_ij w_ij q_i . k_j
+        return dq * scale, dk * scale, dscale, None
+
+
+def _info_nce(q: torch.Tensor, k_all: torch.Tensor, positives: torch.Tensor, scale: torch.Tensor,
+              chunk: int) -> torch.Tensor:
+    """Mean over the b local rows of -log softmax(scale * q @ k_all.T)[i, positive_i]."""
+    if chunk:
+        positive_logits = scale * (q * k_all[positives]).sum(1)  # (b,)
+        return (ChunkedLogSumExp.apply(q, k_all, scale, chunk) - positive_logits).mean()
+    return F.cross_entropy(scale * q @ k_all.T, positives)  # (b, N) logits
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Symmetric InfoNCE of this rank's (b, D) normalised features against all ranks' features."""
+    rank, _ = world()
+    image_all, text_all = all_gather_with_grad(image), all_gather_with_grad(text)  # (N, D), rank order
+    positives = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]  # (b,)
+    scale = logit_scale.exp()
+    image_to_text = _info_nce(image, text_all, positives, scale, chunk)
+    text_to_image = _info_nce(text, image_all, positives, scale, chunk)
+    return (image_to_text + text_to_image) / 2
+
+
+@OBJECTIVES.register("clip")
+class CLIPObjective(nn.Module):
+    @dataclasses.dataclass(kw_only=True)
+    class Config:
+        name: str = "clip"
+        init_temperature: float = 0.07  # logit scale starts at 1 / 0.07
+        max_logit_scale: float = 100.0
+        learn_temperature: bool = True
+        chunk_size: int = 0  # 0 = dense (b, N) logits; else the block size of the memory-bounded form
+
+        def validate(self) -> None:
+            if self.init_temperature <= 0 or self.max_logit_scale <= 1:
+                raise ValueError("init_temperature must be > 0 and max_logit_scale > 1")
+            if self.chunk_size < 0:
+                raise ValueError(f"chunk_size must be >= 0, got {self.chunk_size}")
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        init = torch.full((1,), math.log(1 / cfg.init_temperature))  # (1,): DeepSpeed cannot broadcast 0-d params
+        self.logit_scale = nn.Parameter(init, requires_grad=cfg.learn_temperature)
+        self.max_log_scale = math.log(cfg.max_logit_scale)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image = F.normalize(self.model.encode_image(batch["image"]), dim=-1).float()  # (b, D)
+        text = F.normalize(self.model.encode_text(batch["input_ids"], batch["attention_mask"]), dim=-1).float()
+        # The optimizer keeps its own master copy of the temperature (ZeRO), which end_step's clamp
+        # cannot reach; clamping here too keeps the value the loss sees within bounds.
+        logit_scale = self.logit_scale.float().clamp(max=self.max_log_scale)
+        loss = clip_loss(image, text, logit_scale, self.cfg.chunk_size)
+        return {"loss": loss, "logit_scale": logit_scale.detach().exp()}
+
+    def no_weight_decay(self) -> set[str]:
+        return {"logit_scale"}
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        local_shard(self.logit_scale).clamp_(max=self.max_log_scale)

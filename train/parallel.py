@@ -1,0 +1,147 @@
+"""Distributed setup and the DeepSpeed engine: the only module that imports ``deepspeed``.
+
+- :func:`dist_env` reads the launcher's environment (torchrun, srun or a plain process) into
+  a :class:`DistEnv`; nothing else in the project reads these variables.
+- :func:`init_distributed` starts the process group (gloo on CPU, NCCL on GPU).
+- :func:`wrap` generates the DeepSpeed config from the typed ``parallel`` section and returns
+  the engine; :func:`consolidated_state_dict` turns any ZeRO checkpoint into one state dict.
+- :func:`local_shard` is how code outside forward/backward touches a parameter: under ZeRO-3
+  a parameter's local data is its partition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+import subprocess
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train.config import ParallelConfig, RunConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True)
+    return hosts.stdout.split()[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env(run: RunConfig, parallel: ParallelConfig) -> DistEnv:
+    """Rank and rendezvous from torchrun (RANK...), srun (SLURM_PROCID...) or a single process."""
+    env = os.environ
+    if "RANK" in env:  # torchrun (also torchrun inside an srun step)
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+        addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    elif int(env.get("SLURM_NTASKS", "1")) > 1:  # one srun task per device
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(env["SLURM_JOB_NODELIST"])
+        port = int(env.get("MASTER_PORT", parallel.master_port))
+    else:  # one process: any free port, so concurrent single-process runs never collide
+        rank, world, local, addr, port = 0, 1, 0, "127.0.0.1", _free_port()
+    device = torch.device("cuda", local) if run.device == "cuda" else torch.device("cpu")
+    return DistEnv(rank=rank, world=world, local_rank=local, device=device, master_addr=addr, master_port=port)
+
+
+def init_distributed(run: RunConfig, parallel: ParallelConfig) -> DistEnv:
+    env = dist_env(run, parallel)
+    # DeepSpeed picks its accelerator at import; the config, not the machine, decides.
+    os.environ["DS_ACCELERATOR"] = "cuda" if run.device == "cuda" else "cpu"
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    if run.device == "cuda":
+        torch.cuda.set_device(env.device)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if run.device == "cuda" else "gloo", auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(minutes=parallel.timeout_min), verbose=False)
+    return env
+
+
+def deepspeed_config(parallel: ParallelConfig, run: RunConfig, micro_batch: int, world: int) -> dict:
+    """The DeepSpeed JSON, generated from the typed section (there is no hand-written copy)."""
+    zero = {
+        "stage": parallel.zero_stage,
+        "reduce_bucket_size": parallel.reduce_bucket_size,
+        "allgather_bucket_size": parallel.allgather_bucket_size,
+        "overlap_comm": parallel.overlap_comm,
+        "contiguous_gradients": parallel.contiguous_gradients,
+    }
+    if parallel.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=parallel.stage3_param_persistence_threshold,
+                    stage3_max_live_parameters=parallel.stage3_max_live_parameters,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": parallel.grad_accum,
+        "train_batch_size": micro_batch * parallel.grad_accum * world,
+        "gradient_clipping": parallel.grad_clip,
+        "bf16": {"enabled": run.dtype == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch's AdamW, fused on GPU
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def wrap(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, activation_checkpointing: bool):
+    """The DeepSpeed engine around ``module`` (the objective, which holds the model)."""
+    import deepspeed
+
+    if activation_checkpointing:
+        module.model.set_grad_checkpointing(True)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """The data of ``p`` held by this rank (its ZeRO-3 partition, else the whole tensor)."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """True when ``value`` is finite on every rank (one tiny all-reduce)."""
+    flag = torch.isfinite(value.detach()).all().to(torch.int32).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def consolidated_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of a checkpoint of any ZeRO stage, gathered into one state dict on CPU."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
