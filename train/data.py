@@ -67,7 +67,7 @@ def clip_train(cfg: DataConfig, contract: DataContract) -> Callable[[Image.Image
 def eval_transform(cfg: DataConfig | None, contract: DataContract) -> Callable[[Image.Image], dict]:
     resize = T.Resize(contract.image_size, interpolation=_interpolation(contract))
     transform = T.Compose([resize, T.CenterCrop(contract.image_size), *_normalize(contract)])
-    return lambda image: {"image": transform(image)}
+    return lambda image: {"image": transform(image.convert("RGB"))}
 
 
 def _register_optional_transforms() -> None:
