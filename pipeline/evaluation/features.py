@@ -44,7 +44,7 @@ def gather_rows(local: torch.Tensor, indices: torch.Tensor, total: int) -> torch
 
 
 def gather_objects(local: list[Any]) -> list[Any]:
-    """Per-rank python lists -> the concatenation in rank order (labels, captions, keys)."""
+    """Per-rank python lists -> their concatenation in rank order, on every rank."""
     _, world_size = world()
     if world_size == 1:
         return list(local)
@@ -107,7 +107,8 @@ class Context:
                 flush(batch)
         if batch:
             flush(batch)
-        records = gather_objects(records)
+        # the slices interleave (index % world == rank): put the records back in dataset order
+        records = [record for _, record in sorted(gather_objects(list(zip(indices, records))), key=lambda p: p[0])]
         index = torch.tensor(indices, dtype=torch.long)
         gathered = {name: gather_rows(_cat(parts, self.device), index, len(records)).cpu() for name, parts in outputs.items()}
         log.info("embedded %d images on %d rank(s)", len(records), world_size)

@@ -30,7 +30,7 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, classnames
     counts = torch.zeros((n, n)).index_put_((labels, predictions), torch.ones(len(labels)), accumulate=True)
     rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n, 1 + 0.45 * n) if n <= 30 else (12, 12))
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     if n <= 30:  # beyond that the labels are unreadable; the matrix still shows the structure
         names = (classnames + [str(i) for i in range(len(classnames), n)])[:n]
         ax.set_xticks(range(n), names, rotation=90)

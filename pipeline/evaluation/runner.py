@@ -96,7 +96,7 @@ def run(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
             stem = out / f"{_slug(identity['spec'])}__{_slug(dataset)}__{task_cfg.name}"
             result["plots"] = task.plot(outcome, str(stem)) if cfg.plots else []
             write_json(f"{stem}.json", result)
-            log.info("%s: %s", stem.name, {k: round(v, 4) for k, v in outcome.metrics.items() if isinstance(v, float)})
+            log.info("%s: %s", stem.name, ", ".join(f"{k}={v:.4g}" for k, v in outcome.metrics.items()))
         results.append(result)
     if rank == 0:
         _write_run_summary(cfg, out)

@@ -63,7 +63,7 @@ class ProjectionModel(nn.Module):
         self.word_emb = nn.Parameter(torch.randn(VOCAB, dim, generator=g), requires_grad=False)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return images.flatten(1) @ self.image_proj
+        return (images.flatten(1) - 0.5) @ self.image_proj  # centred, so images point in varied directions
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return (self.word_emb[input_ids] * attention_mask[..., None]).sum(1)
@@ -91,6 +91,20 @@ class PaletteItm(ItmHead, PaletteModel):
 
 class ProjectionItm(ItmHead, ProjectionModel):
     pass
+
+
+class ProjectionWithOracleItm(ProjectionModel):
+    """Random-projection ITC with the palette oracle as its ITM head: only reranking gets it right."""
+
+    def __init__(self):
+        super().__init__()
+        self.oracle = PaletteItm()
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.oracle.image_tokens(images)
+
+    def itm_score(self, image_tokens, input_ids, attention_mask) -> torch.Tensor:
+        return self.oracle.itm_score(image_tokens, input_ids, attention_mask)
 
 
 def _encoder(model: nn.Module, itm: str | None, name: str) -> Encoder:
