@@ -1,0 +1,74 @@
+"""Image-only encoder for SimCLR and MoCo v2: a timm backbone plus an MLP projection head.
+
+The representation is the backbone's pooled output, *before* the head (SimCLR shows the
+head discards information the downstream task needs); ``encode_image`` returns it for the
+linear probe, ``forward`` returns the projection the contrastive losses use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from train.batchnorm import convert_global_batchnorm
+from train.contract import DataContract
+from train.registry import MODELS
+
+
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int, layers: int) -> nn.Sequential:
+    """``layers`` linear layers with ReLU between (MoCo v2 and SimCLR v1: 2; SimCLR v2: 3)."""
+    dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+    blocks: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        blocks.append(nn.Linear(d_in, d_out))
+        if i < layers - 1:
+            blocks.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*blocks)
+
+
+@MODELS.register("ssl")
+class SSLEncoder(nn.Module):
+    @dataclasses.dataclass(kw_only=True)
+    class Config:
+        name: str = "ssl"
+        backbone: str = "resnet50"  # any timm model name; built with random init
+        backbone_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra timm kwargs
+        pretrained_path: str = ""  # optional local timm weights file (nothing is downloaded)
+        image_size: int = 224
+        head_hidden_dim: int = 2048
+        head_dim: int = 128
+        head_layers: int = 2
+        sync_bn: bool = False  # BatchNorm statistics over the global batch (SimCLR's global BN)
+
+        def validate(self) -> None:
+            if self.head_layers < 1:
+                raise ValueError(f"head_layers must be >= 1, got {self.head_layers}")
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        local = dict(pretrained=True, pretrained_cfg_overlay=dict(file=cfg.pretrained_path)) if cfg.pretrained_path else {}
+        self.backbone = timm.create_model(cfg.backbone, num_classes=0, **local, **cfg.backbone_args)
+        if cfg.sync_bn:
+            convert_global_batchnorm(self.backbone)
+        self.head = projection_head(self.backbone.num_features, cfg.head_hidden_dim, cfg.head_dim, cfg.head_layers)
+        self.head_dim = cfg.head_dim
+        pretrained = self.backbone.pretrained_cfg
+        self.contract = DataContract(
+            image_size=cfg.image_size,
+            mean=tuple(pretrained["mean"]),
+            std=tuple(pretrained["std"]),
+            interpolation=pretrained.get("interpolation", "bicubic"),
+            tokenizer="",
+        )
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) representation before the projection head."""
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, head_dim) projection, not normalised."""
+        return self.head(self.backbone(images))

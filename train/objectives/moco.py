@@ -1,0 +1,87 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020): queries against a momentum key encoder's queue.
+
+The key encoder is a :class:`train.momentum.Momentum` copy of the model and the queue a
+:class:`train.queue.FeatureQueue` filled with the keys of all ranks: the same components as
+ALBEF's momentum distillation and ITC queues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from train.gather import all_gather_no_grad, world
+from train.momentum import Momentum
+from train.queue import FeatureQueue
+from train.registry import OBJECTIVES
+
+
+@torch.no_grad()
+def shuffled_forward(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``encoder(images)`` with BatchNorm statistics from a random slice of the global batch.
+
+    MoCo's shuffle-BN: each rank encodes a random b of the N gathered images, then the keys
+    are put back in order, so a query and its key never share batch statistics (otherwise the
+    model can find its positive through them instead of learning features).
+    """
+    rank, world_size = world()
+    if world_size == 1:  # nothing to shuffle across; BatchNorm sees the same batch either way
+        return encoder(images)
+    b = images.shape[0]
+    everything = all_gather_no_grad(images)  # (N, 3, H, W)
+    order = torch.randperm(everything.shape[0], device=images.device)
+    dist.broadcast(order, src=0)  # one permutation for all ranks
+    keys = all_gather_no_grad(encoder(everything[order[rank * b : (rank + 1) * b]]))  # (N, d), shuffled
+    unshuffled = torch.empty_like(keys)
+    unshuffled[order] = keys
+    return unshuffled[rank * b : (rank + 1) * b]  # (b, d)
+
+
+@OBJECTIVES.register("moco_v2")
+class MoCo(nn.Module):
+    @dataclasses.dataclass(kw_only=True)
+    class Config:
+        name: str = "moco_v2"
+        temperature: float = 0.2  # v2's value (v1: 0.07)
+        momentum: float = 0.999
+        queue_size: int = 65536
+        shuffle_bn: bool = True  # off only for backbones without BatchNorm (ViT)
+
+        def validate(self) -> None:
+            if self.temperature <= 0:
+                raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            if self.queue_size < 1:
+                raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.key_encoder = Momentum(cfg.momentum, model=model)
+        self.queue = FeatureQueue(cfg.queue_size, key=model.head_dim)
+        self.temperature = cfg.temperature
+        self.shuffle_bn = cfg.shuffle_bn
+
+    def check(self, global_batch: int, world_size: int) -> None:
+        self.queue.check(global_batch)
+
+    def end_step(self) -> None:
+        self.key_encoder.update()  # after the optimizer step, as MoCo updates before the next keys
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        q = F.normalize(self.model(batch["view1"]), dim=-1)  # (b, d)
+        with torch.no_grad():
+            key_encoder = self.key_encoder["model"]
+            k = shuffled_forward(key_encoder, batch["view2"]) if self.shuffle_bn else key_encoder(batch["view2"])
+            k = F.normalize(k, dim=-1)  # (b, d)
+            negatives = self.queue.get("key").clone()  # (K, d); cloned: enqueue below writes in place
+        logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ negatives.T], dim=1).float() / self.temperature
+        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive is column 0
+        loss = F.cross_entropy(logits, target)
+        if self.training:
+            self.queue.enqueue(key=k)
+        accuracy = (logits.argmax(dim=1) == 0).float().mean()
+        return {"loss": loss, "info_nce": loss.detach(), "accuracy": accuracy.detach()}
