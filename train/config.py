@@ -84,6 +84,7 @@ class DataConfig:
     transform: str = "clip_train"  # a name in train.data.TRANSFORMS
     text: bool = True  # read and tokenize captions
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range (open_clip's default)
+    jitter_strength: float = 1.0  # colour jitter strength of the two-view presets (simclr, moco_v2)
     draft: bool = True  # decode JPEGs at reduced scale when they are larger than the crop
 
     def validate(self) -> None:
@@ -97,10 +98,13 @@ class DataConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class OptimConfig:
+    name: str = "adamw"  # a name in train.optim.OPTIMIZERS: adamw | sgd | lars
     lr: float = 5e-4
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
+    momentum: float = 0.9  # sgd, lars
+    trust_coefficient: float = 1e-3  # lars: eta in eta * ||w|| / ||update||
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from pipeline.registry import Registry
 from train.config import OptimConfig, ScheduleConfig
 
 
@@ -31,9 +32,23 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+OPTIMIZERS: Registry = Registry("optimizer")  # name -> (param groups, OptimConfig, device) -> optimizer
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda")
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)  # MoCo's recipe
+
+
 def build_optimizer(module: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             fused=device.type == "cuda")
+    import train.lars  # noqa: F401  (registers "lars")
+
+    return OPTIMIZERS.build(cfg.name, param_groups(module, cfg.weight_decay), cfg, device)
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, cfg: ScheduleConfig) -> float:

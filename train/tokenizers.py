@@ -50,5 +50,15 @@ def hugging_face(contract: DataContract) -> Tokenize:
     return tokenize
 
 
+@TOKENIZERS.register("")
+def image_only(contract: DataContract) -> Tokenize:
+    """Image-only models (SimCLR, MoCo) have no text tower: tokenizing for them is an error."""
+
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+        raise ValueError("this model is image-only (its contract has no tokenizer); it cannot encode text")
+
+    return tokenize
+
+
 def build(contract: DataContract) -> Tokenize:
     return TOKENIZERS.build(contract.tokenizer, contract)
