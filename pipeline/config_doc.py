@@ -29,6 +29,13 @@ SCHEMAS = {
     "python -m pipeline.evaluate": "pipeline.evaluation:EvalConfig",
     "python -m pipeline.demo": "pipeline.demo:DemoConfig",
 }
+# Registry-dispatched sections: the keys of each registered entry's ``Config``.
+DISPATCHED = {
+    "model (train)": ("train.registry:MODELS", "train.models"),
+    "objective (train)": ("train.registry:OBJECTIVES", "train.objectives"),
+    "dataset (evaluate)": ("pipeline.evaluation.datasets:DATASETS", None),
+    "tasks[] (evaluate)": ("pipeline.evaluation.tasks:TASKS", None),
+}
 _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
 
 
@@ -36,11 +43,14 @@ def field_comments(schema: type) -> dict[str, str]:
     """``name -> comment`` from the ``field: type = default  # comment`` lines of the class source."""
     comments = {}
     for klass in reversed(schema.__mro__):  # subclasses' comments win
-        if dataclasses.is_dataclass(klass):
-            for line in inspect.getsource(klass).splitlines():
-                match = _FIELD_COMMENT.match(line)
-                if match:
-                    comments[match.group(1)] = match.group(2).strip()
+        try:
+            source = inspect.getsource(klass) if dataclasses.is_dataclass(klass) else ""
+        except OSError:  # made by dataclasses.make_dataclass (e.g. a table of variants): no source
+            source = ""
+        for line in source.splitlines():
+            match = _FIELD_COMMENT.match(line)
+            if match:
+                comments[match.group(1)] = match.group(2).strip()
     return comments
 
 
@@ -79,20 +89,53 @@ def rows(schema: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     return out
 
 
+def _table(schema: type) -> str:
+    table = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    cells = ([c.replace("|", "\\|") for c in row] for row in rows(schema))  # a bare | would end the cell
+    table += [f"| `{k}` | `{t}` | {d} | {m} |" for k, t, d, m in cells]
+    return "\n".join(table) + "\n"
+
+
+def _load(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def dispatched_reference() -> list[str]:
+    """One table per group of registered entries sharing the same keys (variants differ in defaults)."""
+    parts = []
+    for section, (target, fill) in DISPATCHED.items():
+        try:
+            if fill:
+                importlib.import_module(fill)
+            registry = _load(target)
+        except (ImportError, AttributeError):
+            parts.append(f"### `{section}`\n\nNot built yet (`{target}`).\n")
+            continue
+        groups: dict[tuple, list[str]] = {}
+        for name in registry.names():
+            config = getattr(registry.get(name), "Config", None)
+            if config is not None:
+                groups.setdefault(tuple(f.name for f in dataclasses.fields(config)), []).append(name)
+        for names in groups.values():
+            listed = ", ".join(f"`{n}`" for n in names)
+            note = f" (defaults shown for `{names[0]}`)" if len(names) > 1 else ""
+            parts.append(f"### `{section}`: {listed}\n\nKeys with `name: {names[0]}`{note}.\n\n"
+                         + _table(registry.get(names[0]).Config))
+    return parts
+
+
 def reference() -> str:
-    """The whole reference as markdown: one table per command."""
+    """The whole reference as markdown: one table per command, then per registered entry."""
     parts = []
     for command, target in SCHEMAS.items():
-        module, name = target.split(":")
         try:
-            schema = getattr(importlib.import_module(module), name)
+            schema = _load(target)
         except (ImportError, AttributeError):
             parts.append(f"### `{command}`\n\nNot built yet (`{target}`).\n")
             continue
-        table = ["| key | type | default | meaning |", "|---|---|---|---|"]
-        table += [f"| `{k}` | `{t}` | {d} | {m.replace('|', '/')} |" for k, t, d, m in rows(schema)]
-        parts.append(f"### `{command}`\n\nSchema `{target}`.\n\n" + "\n".join(table) + "\n")
-    return "\n".join(parts)
+        parts.append(f"### `{command}`\n\nSchema `{target}`.\n\n" + _table(schema))
+    return "\n".join(parts + dispatched_reference())
 
 
 def readme_block(text: str) -> str:
