@@ -18,6 +18,7 @@ replay: the same order is rebuilt and consumed samples are skipped before decodi
 from __future__ import annotations
 
 import collections
+import copy
 import hashlib
 import io
 import itertools
@@ -103,7 +104,7 @@ def _seed(*parts: int) -> int:
 
 
 class SkipCounter:
-    """Counts skipped input by reason; the webdataset handler for unreadable tars."""
+    """Counts skipped input by reason."""
 
     def __init__(self, counts: dict[str, int] | None = None, muted: bool = False):
         self.counts: collections.Counter = collections.Counter(counts or {})
@@ -114,12 +115,6 @@ class SkipCounter:
         if not self.muted:
             self.counts[reason] += 1
 
-    def handler(self, exn: Exception) -> bool:
-        if isinstance(exn, (tarfile.TarError, EOFError, zlib.error)):
-            self.skip("truncated_tar")
-            log.warning("skipping the rest of a shard: %s", exn)
-            return True
-        raise exn
 
 
 # ---------------------------------------------------------------------------- stages
@@ -144,6 +139,24 @@ def resampled_order(sources: list[tuple[list[str], float]], seed: int) -> Iterat
     while True:
         shards, _ = rng.choices(sources, weights)[0]
         yield {"url": rng.choice(shards)}
+
+
+def expand(sources: Iterator[dict], counter: SkipCounter) -> Iterator[dict]:
+    """Opened shards {"url", "stream"} -> tar members {"fname", "data", "__url__"}.
+
+    A shard that breaks off (truncated, corrupt) ends there and is counted once; the members
+    read before the break are kept.
+    """
+    for source in sources:
+        try:
+            for member in wds.tariterators.tar_file_iterator(source["stream"]):  # raises on a bad tar
+                member["__url__"] = source["url"]
+                yield member
+        except (tarfile.TarError, EOFError, zlib.error) as err:
+            counter.skip("truncated_tar")
+            log.warning("skipping the rest of %s: %s", source["url"], err)
+        finally:
+            source["stream"].close()
 
 
 def complete(samples: Iterator[dict], counter: SkipCounter, text: bool) -> Iterator[dict]:
@@ -290,9 +303,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                                  counter)
         return wds.DataPipeline(
             lambda: source,
-            partial(wds.tariterators.url_opener, handler=counter.handler),
-            partial(wds.tariterators.tar_file_expander, handler=counter.handler),
-            partial(wds.tariterators.group_by_keys, handler=counter.handler),
+            wds.tariterators.url_opener,  # an unreadable URL is a configuration error: it raises
+            partial(expand, counter=counter),
+            wds.tariterators.group_by_keys,
             partial(complete, counter=counter, text=cfg.text),
             partial(shuffle, size=cfg.shuffle_buffer, rng=random.Random(stream_seed)),
             partial(skip, count=position, counter=counter),
@@ -341,7 +354,7 @@ class TrainLoader:
         return dict(self.skips_before + self.skips_this_epoch())
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "streams": self.streams, "skips_before": dict(self.skips_before)}
+        return copy.deepcopy({"epoch": self.epoch, "streams": self.streams, "skips_before": dict(self.skips_before)})
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.streams = state["epoch"], {int(k): v for k, v in state["streams"].items()}

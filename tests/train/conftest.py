@@ -43,8 +43,29 @@ def fmnist_shards(tmp_path_factory) -> Path:
     return write_fmnist_shards(tmp_path_factory.mktemp("fmnist"), count=1024, shards=8)
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 240, **popen) -> subprocess.CompletedProcess:
-    """Run ``torchrun --nproc_per_node nproc ARGS`` from the repo root (real processes, gloo)."""
+def torchrun_command(args: list[str], nproc: int = 2) -> tuple[list[str], dict]:
+    """``torchrun --standalone --nproc_per_node nproc ARGS`` (real processes, gloo) and its env."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args], env
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """``torchrun(args, nproc=2, timeout=240) -> CompletedProcess``, run from the repo root."""
+
+    def run(args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+        cmd, env = torchrun_command(args, nproc)
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def torchrun_popen():
+    """``torchrun_popen(args, nproc=2) -> Popen`` (stdout discarded, stderr piped), for tests that kill ranks."""
+
+    def start(args: list[str], nproc: int = 2) -> subprocess.Popen:
+        cmd, env = torchrun_command(args, nproc)
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    return start

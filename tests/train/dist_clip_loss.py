@@ -1,0 +1,64 @@
+"""Run under torchrun (2 ranks): CLIP loss and gradients vs one process on the global batch.
+
+Writes ``{"dense": {...}, "chunked": {...}}`` of max abs differences to argv[1] (rank 0).
+The single-process reference is computed before the process group exists, so the same
+``clip_loss`` runs with world size 1 there and 2 afterwards.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from train.objectives.clip import clip_loss
+
+GLOBAL_BATCH, DIM, CHUNK = 16, 8, 3  # chunk 3 leaves ragged blocks on purpose
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(GLOBAL_BATCH, DIM, generator=g, dtype=torch.float64), dim=1)
+    text = torch.nn.functional.normalize(torch.randn(GLOBAL_BATCH, DIM, generator=g, dtype=torch.float64), dim=1)
+    return image, text, torch.tensor([2.0], dtype=torch.float64)
+
+
+def loss_and_grads(image, text, log_scale, chunk):
+    image, text, log_scale = (t.clone().requires_grad_(True) for t in (image, text, log_scale))
+    loss = clip_loss(image, text, log_scale, chunk)
+    loss.backward()
+    return loss.detach(), image.grad, text.grad, log_scale.grad
+
+
+def main(out_path: str) -> None:
+    image, text, log_scale = inputs()
+    reference = {chunk: loss_and_grads(image, text, log_scale, chunk) for chunk in (0, CHUNK)}
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    b = GLOBAL_BATCH // world
+    local = slice(rank * b, (rank + 1) * b)
+    result = {}
+    for name, chunk in (("dense", 0), ("chunked", CHUNK)):
+        loss, d_image, d_text, d_scale = loss_and_grads(image[local], text[local], log_scale, chunk)
+        # Data parallelism averages parameter gradients over ranks: do the same here.
+        for t in (loss, d_scale):
+            dist.all_reduce(t)
+            t /= world
+        d_image, d_text = d_image / world, d_text / world
+        ref_loss, ref_image, ref_text, ref_scale = reference[chunk]
+        diffs = torch.tensor([(loss - ref_loss).abs().max(), (d_image - ref_image[local]).abs().max(),
+                              (d_text - ref_text[local]).abs().max(), (d_scale - ref_scale).abs().max()])
+        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
+        result[name] = dict(zip(["loss", "grad_image", "grad_text", "grad_logit_scale"], diffs.tolist()))
+        result[name]["loss_value"] = loss.item()
+    result["dense_vs_chunked_loss"] = abs(result["dense"]["loss_value"] - result["chunked"]["loss_value"])
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1])
