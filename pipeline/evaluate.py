@@ -9,8 +9,10 @@ printed on stdout by rank 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -53,7 +55,8 @@ def evaluate(cfg: EvalConfig, log_level: str = "INFO", encoder: Encoder | None =
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        results = evaluate(*parse_args(argv))
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON (libraries print)
+            results = evaluate(*parse_args(argv))
         if world()[0] == 0:
             print(json.dumps([{k: r[k] for k in ("model", "dataset", "task", "metrics")} for r in results], indent=2))
     finally:

@@ -35,7 +35,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 class DatasetConfig:
     name: str
     tag: str = ""  # the dataset's name in results and file names (default: `name`)
-    limit: int = 0  # evaluate only the first N samples (0: all of them)
+    start: int = 0  # skip the first N samples (e.g. the ones a test model was trained on)
+    limit: int = 0  # evaluate only N samples from `start` (0: all of them)
     classnames: str | list[str] = ""  # a list, a built-in set (fashion_mnist, imagenet) or a file
     templates: str | list[str] = "plain"  # prompts with a "{c}" placeholder: list, set (openai_imagenet) or file
 
@@ -193,9 +194,8 @@ class EvalSet:
 
     def shard(self, rank: int, world_size: int) -> Iterator[tuple[int, dict]]:
         """(index, record with a decoded RGB PIL image) for this rank's samples: index % world == rank."""
-        records = self.source.records()
-        if self.cfg.limit:
-            records = itertools.islice(records, self.cfg.limit)
+        stop = self.cfg.start + self.cfg.limit if self.cfg.limit else None
+        records = itertools.islice(self.source.records(), self.cfg.start, stop)
         return decode(rank_slice(records, rank, world_size))
 
 

@@ -1,7 +1,7 @@
 """Linear probe: logistic regression on frozen image features (the CLIP paper's protocol).
 
 The inverse regularisation C is chosen on a validation split carved from the training
-features (a coarse sweep over powers of 100, then a finer one around the best), the
+features (a coarse sweep over powers of 100 from 1e-6 to 1e6, then a finer one around the best), the
 classifier is refit on train + validation with that C and scored on the test features.
 L-BFGS on a fixed split is deterministic. Works for every model with ``encode_image``
 (SimCLR and MoCo included). Without a ``train`` dataset, the eval set itself is split.
@@ -29,17 +29,19 @@ def fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> LogisticRegres
     return LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
 
 
+def sweep(train, val, grid: np.ndarray, max_iter: int) -> dict[float, float]:
+    """Validation accuracy for each C of ``grid``, fit in increasing order, each fit starting
+    from the previous solution (the regularisation path; about twice as fast, same order every run)."""
+    probe = LogisticRegression(max_iter=max_iter, warm_start=True)
+    return {float(c): probe.set_params(C=float(c)).fit(*train).score(*val) for c in np.sort(grid)}
+
+
 def choose_c(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], max_iter: int) -> tuple[float, float]:
     """(best C, its validation accuracy); on ties the smaller C (stronger regularisation) wins."""
-    scores: dict[float, float] = {}
-
-    def sweep(grid: np.ndarray) -> float:
-        for c in grid:
-            scores.setdefault(float(c), fit(*train, float(c), max_iter).score(*val))
-        return max(sorted(scores), key=scores.get)
-
-    best = sweep(10.0 ** np.arange(-6.0, 7.0, 2.0))
-    best = sweep(best * 10.0 ** np.array([-1.0, -0.5, 0.5, 1.0]))
+    scores = sweep(train, val, 10.0 ** np.arange(-6.0, 7.0, 2.0), max_iter)
+    coarse = max(scores, key=scores.get)  # dicts keep the increasing order: the first best is the smallest C
+    scores.update(sweep(train, val, coarse * 10.0 ** np.array([-1.0, -0.5, 0.5, 1.0]), max_iter))
+    best = max(sorted(scores), key=scores.get)
     log.info("linear probe: C=%g (validation accuracy %.4f over %d values)", best, scores[best], len(scores))
     return best, scores[best]
 

@@ -43,7 +43,7 @@ def _columns(rows: list[dict]) -> list[str]:
 def _cell(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -27,7 +27,6 @@ from pipeline.log import get_logger
 from train.gather import world
 
 log = get_logger(__name__)
-RUN_DIR_MARKERS = ("metrics.jsonl", "config.yaml")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -54,14 +53,28 @@ def run_dir_of(checkpoint: str) -> Path | None:
     if not path.exists():
         return None
     for candidate in [path, *path.parents][:3]:
-        if any((candidate / marker).is_file() for marker in RUN_DIR_MARKERS):
+        if (candidate / "metrics.jsonl").is_file():
             return candidate
     return None
 
 
+def checkpoint_step(spec: str) -> int | None:
+    """The training step of one of our checkpoints (its ``step_*`` tag); None for other models."""
+    if not spec or not Path(spec).exists():
+        return None
+    from train.checkpoint import resolve
+
+    try:
+        _, tag = resolve(spec)
+    except FileNotFoundError:
+        return None
+    match = re.fullmatch(r"step_(\d+)", tag)
+    return int(match.group(1)) if match else None
+
+
 def model_identity(cfg: EvalConfig, encoder: Encoder) -> dict[str, Any]:
-    """The spec, the loader's name for the model, and the training step when the loader knows it."""
-    return {"spec": cfg.checkpoint or encoder.name, "name": encoder.name, "step": getattr(encoder, "step", None)}
+    """The spec, the loader's name for the model, and the training step of our checkpoints."""
+    return {"spec": cfg.checkpoint or encoder.name, "name": encoder.name, "step": checkpoint_step(cfg.checkpoint)}
 
 
 def output_dir(cfg: EvalConfig) -> Path:
@@ -75,6 +88,11 @@ def output_dir(cfg: EvalConfig) -> Path:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+
+
+def _model_slug(spec: str) -> str:
+    """A model's name in file names: a run/checkpoint directory's own name, else the spec."""
+    return _slug(Path(spec).resolve().name if Path(spec).exists() else spec)
 
 
 def run(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
@@ -93,7 +111,7 @@ def run(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
         result = {"model": identity, "dataset": dataset, "task": task_cfg.name, "metrics": outcome.metrics,
                   "config": config.to_dict(cfg)}
         if rank == 0:
-            stem = out / f"{_slug(identity['spec'])}__{_slug(dataset)}__{task_cfg.name}"
+            stem = out / f"{_model_slug(identity['spec'])}__{_slug(dataset)}__{task_cfg.name}"
             result["plots"] = task.plot(outcome, str(stem)) if cfg.plots else []
             write_json(f"{stem}.json", result)
             log.info("%s: %s", stem.name, ", ".join(f"{k}={v:.4g}" for k, v in outcome.metrics.items()))
