@@ -31,11 +31,11 @@ class ChunkedLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, chunk: int) -> torch.Tensor:
+        q_scaled = q * scale  # (b, D): scaling q is cheaper than scaling every (c, c) block
         lse = torch.full((q.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)  # (b,)
         for rows in range(0, q.shape[0], chunk):
-            q_block = q[rows:rows + chunk]
             for cols in range(0, k.shape[0], chunk):
-                block = torch.logsumexp(scale * (q_block @ k[cols:cols + chunk].T), dim=1)  # (c,)
+                block = torch.logsumexp(q_scaled[rows:rows + chunk] @ k[cols:cols + chunk].T, dim=1)  # (c,)
                 lse[rows:rows + chunk] = torch.logaddexp(lse[rows:rows + chunk], block)
         ctx.save_for_backward(q, k, scale, lse)
         ctx.chunk = chunk
@@ -44,27 +44,30 @@ class ChunkedLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse: torch.Tensor):
         q, k, scale, lse = ctx.saved_tensors
-        chunk = ctx.chunk
+        chunk, q_scaled = ctx.chunk, q * scale
         # d lse_i / d logit_ij = p_ij (softmax); w_ij = grad_i * p_ij; logit_ij = scale * q_i . k_j
         dq = torch.zeros_like(q)  # sum_j w_ij k_j      (b, D), before the factor scale
-        dk = torch.zeros_like(k)  # sum_i w_ij q_i      (N, D)
+        dk = torch.zeros_like(k)  # sum_i w_ij q_i      (N, D), before the factor scale
         for rows in range(0, q.shape[0], chunk):
-            q_block = q[rows:rows + chunk]
             for cols in range(0, k.shape[0], chunk):
                 k_block = k[cols:cols + chunk]
-                w = (scale * (q_block @ k_block.T)).sub_(lse[rows:rows + chunk, None]).exp_()  # (c, c)
+                w = (q_scaled[rows:rows + chunk] @ k_block.T).sub_(lse[rows:rows + chunk, None]).exp_()  # (c, c)
                 w.mul_(grad_lse[rows:rows + chunk, None])
                 dq[rows:rows + chunk].addmm_(w, k_block)
-                dk[cols:cols + chunk].addmm_(w.T, q_block)
+                dk[cols:cols + chunk].addmm_(w.T, q[rows:rows + chunk])
         dscale = (dq * q).sum().reshape(scale.shape)  # sum_ij w_ij q_i . k_j
-        return dq * scale, dk * scale, dscale, None
+        return dq.mul_(scale), dk.mul_(scale), dscale, None
 
 
-def _info_nce(q: torch.Tensor, k_all: torch.Tensor, positives: torch.Tensor, scale: torch.Tensor,
+def _info_nce(q: torch.Tensor, k: torch.Tensor, k_all: torch.Tensor, positives: torch.Tensor, scale: torch.Tensor,
               chunk: int) -> torch.Tensor:
-    """Mean over the b local rows of -log softmax(scale * q @ k_all.T)[i, positive_i]."""
+    """Mean over the b local rows of -log softmax(scale * q @ k_all.T)[i, positive_i].
+
+    ``k`` is this rank's slice of ``k_all`` (``k_all[positives] == k``); the chunked form takes
+    the positive logits from it, which avoids an (N, D) gradient for an index into ``k_all``.
+    """
     if chunk:
-        positive_logits = scale * (q * k_all[positives]).sum(1)  # (b,)
+        positive_logits = scale * (q * k).sum(1)  # (b,)
         return (ChunkedLogSumExp.apply(q, k_all, scale, chunk) - positive_logits).mean()
     return F.cross_entropy(scale * q @ k_all.T, positives)  # (b, N) logits
 
@@ -75,8 +78,8 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     image_all, text_all = all_gather_with_grad(image), all_gather_with_grad(text)  # (N, D), rank order
     positives = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]  # (b,)
     scale = logit_scale.exp()
-    image_to_text = _info_nce(image, text_all, positives, scale, chunk)
-    text_to_image = _info_nce(text, image_all, positives, scale, chunk)
+    image_to_text = _info_nce(image, text, text_all, positives, scale, chunk)
+    text_to_image = _info_nce(text, image, image_all, positives, scale, chunk)
     return (image_to_text + text_to_image) / 2
 
 
