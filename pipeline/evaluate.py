@@ -26,7 +26,7 @@ from train.gather import world
 
 def init_distributed(cfg: EvalConfig) -> EvalConfig:
     """Join the process group torchrun describes (if any); "cuda" becomes this rank's GPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     if cfg.device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

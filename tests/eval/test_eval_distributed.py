@@ -25,10 +25,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(tmp_path: Path, model: str, args: list[str]) -> list[dict]:
+def _two_ranks(tmp_path: Path, jobs: list[dict]) -> list[dict]:
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{HERE}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(HERE / "dist_eval.py"), model, *args, f"output={tmp_path / 'two'}", "--log-level", "WARNING"]
+           str(HERE / "dist_eval.py"), str(tmp_path / "jobs.json")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -36,30 +37,23 @@ def _torchrun(tmp_path: Path, model: str, args: list[str]) -> list[dict]:
     return lines
 
 
-def _assert_same(one: list[dict], two: list[dict]) -> None:
-    assert len(one) == len(two)
-    for a, b in zip(one, two):
-        assert a.keys() == b.keys()
-        assert a == pytest.approx(b, abs=1e-6, nan_ok=True)
-
-
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank_classification_and_linear_probe(tmp_path):
-    # 101 images: the ranks get uneven slices (51 and 50)
-    args = ["--config", "eval/fashion_mnist.yaml", "dataset.limit=101", "batch_size=16", "plots=false"]
-    cfg = config.load(EvalConfig, "eval/fashion_mnist.yaml", args[2:] + [f"output={tmp_path / 'one'}"])
-    one = [r["metrics"] for r in run(cfg, projection_encoder())]
-    for line in _torchrun(tmp_path, "projection", args):
-        _assert_same(one, line["metrics"])
-    assert one[0]["acc1"] > 0 and one[1]["lp_acc1"] > 0
-
-
-@pytest.mark.slow
-def test_two_ranks_equal_one_rank_retrieval_with_itm_rerank(tmp_path, colour_shards):
-    args = ["--config", "eval/retrieval.yaml", f"dataset.urls={colour_shards}", "batch_size=2",
-            "tasks=[{name: retrieval, rerank_k: 4, rerank_score: itm}]"]
-    cfg = config.load(EvalConfig, "eval/retrieval.yaml", args[2:] + [f"output={tmp_path / 'one'}"])
-    one = [r["metrics"] for r in run(cfg, projection_encoder(itm="reversed"))]
-    assert one[0]["reranked_top_k"] == 4
-    for line in _torchrun(tmp_path, "projection_itm", args):
-        _assert_same(one, line["metrics"])
+def test_two_ranks_equal_one_rank(tmp_path, colour_shards):
+    """Classification + linear probe on 101 Fashion-MNIST images (uneven slices: 51 and 50), and
+    retrieval with ITM reranking (rows of the rerank split across ranks) on WebDataset shards."""
+    runs = {
+        "projection": ["--config", "eval/fashion_mnist.yaml", "dataset.limit=101", "batch_size=16", "plots=false"],
+        "projection_itm": ["--config", "eval/retrieval.yaml", f"dataset.urls={colour_shards}", "batch_size=2",
+                           "tasks=[{name: retrieval, rerank_k: 4, rerank_score: itm}]"],
+    }
+    one = []
+    for model, args in runs.items():
+        cfg = config.load(EvalConfig, args[1], args[2:] + [f"output={tmp_path / 'one'}"])
+        one.append([r["metrics"] for r in run(cfg, projection_encoder(itm="reversed" if "itm" in model else None))])
+    assert one[1][0]["reranked_top_k"] == 4
+    jobs = [{"model": model, "args": args + [f"output={tmp_path / 'two'}", "--log-level", "WARNING"]}
+            for model, args in runs.items()]
+    for line in _two_ranks(tmp_path, jobs):
+        for one_job, two_job in zip(one, line["metrics"], strict=True):
+            for a, b in zip(one_job, two_job, strict=True):
+                assert a == pytest.approx(b, abs=1e-6, nan_ok=True)
