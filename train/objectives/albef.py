@@ -90,7 +90,8 @@ class ALBEFObjective(nn.Module):
         self.momentum = Momentum(cfg.momentum, model=model)
         dim = model.image_projection.out_features
         self.queue = FeatureQueue(cfg.queue_size, image=dim, text=dim, id=None)
-        self.temperature = nn.Parameter(torch.tensor(cfg.init_temperature))
+        # Shape (1,), not (): DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
+        self.temperature = nn.Parameter(torch.full((1,), cfg.init_temperature))
         tokenizer = AutoTokenizer.from_pretrained(model.contract.tokenizer_path, local_files_only=True)
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, model.mlm_head.bias.numel()
         self.register_buffer("special_ids", torch.tensor(tokenizer.all_special_ids), persistent=False)
@@ -128,7 +129,7 @@ class ALBEFObjective(nn.Module):
         if self.training:
             self.queue.enqueue(image=image_feat_m, text=text_feat_m, id=sample_id)
         return {"loss": itc + itm + mlm, "itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach(),
-                "temperature": temperature.detach(), "alpha": torch.tensor(self.alpha, device=itc.device)}
+                "temperature": temperature.detach()[0], "alpha": torch.tensor(self.alpha, device=itc.device)}
 
     def contrastive_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, sample_id, temperature):
         """ITC of the student (b, D) against [batch momentum keys; queue] (b + K, D)."""
