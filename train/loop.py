@@ -39,7 +39,7 @@ class Trainer:
         setup_logging(cfg.log.level, self.dist.rank, self.dist.world)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = MODELS.build(cfg.model.name, cfg.model)
-        self.objective = OBJECTIVES.build(cfg.objective.name, cfg.objective, model)
+        self.objective = OBJECTIVES.build(cfg.objective.name, cfg.objective, model).to(self.dist.device)
         self.loader = TrainLoader(cfg.data, model.contract, self.dist.rank, self.dist.world, cfg.run.seed)
         self.steps_per_epoch = self.loader.batches_per_epoch // cfg.parallel.grad_accum
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
@@ -48,8 +48,7 @@ class Trainer:
             self.objective.check(cfg.data.batch_size * self.dist.world, self.dist.world)
         self.optimizer = optim.build_optimizer(self.objective, cfg.optim, self.dist.device)
         ds_config = parallel.deepspeed_config(cfg.parallel, cfg.run, cfg.data.batch_size, self.dist.world)
-        self.engine = parallel.wrap(self.objective.to(self.dist.device), self.optimizer, ds_config,
-                                    cfg.parallel.activation_checkpointing)
+        self.engine = parallel.wrap(self.objective, self.optimizer, ds_config, cfg.parallel.activation_checkpointing)
         self.dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32
         run_dir = cfg.run.run_dir.rstrip("/")
         self.checkpointer = checkpoint.Checkpointer(f"{run_dir}/checkpoints", cfg.run.ckpt_every,

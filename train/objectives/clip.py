@@ -26,17 +26,26 @@ from train.parallel import local_shard
 from train.registry import OBJECTIVES
 
 
+def _block(buffer: torch.Tensor, q_block: torch.Tensor, k_block: torch.Tensor) -> torch.Tensor:
+    """``q_block @ k_block.T`` written into ``buffer``: one (c, c) allocation serves every block."""
+    out = buffer.view(-1)[: q_block.shape[0] * k_block.shape[0]].view(q_block.shape[0], k_block.shape[0])
+    return torch.mm(q_block, k_block.T, out=out)
+
+
 class ChunkedLogSumExp(torch.autograd.Function):
     """``lse_i = log sum_j exp(scale * q_i . k_j)`` for q (b, D), k (N, D), in (c, c) blocks."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, chunk: int) -> torch.Tensor:
-        q_scaled = q * scale  # (b, D): scaling q is cheaper than scaling every (c, c) block
+        q_scaled = q * scale  # (b, D): scaling q is cheaper than scaling every block
+        buffer = q.new_empty(min(chunk, q.shape[0]) * min(chunk, k.shape[0]))
         lse = torch.full((q.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)  # (b,)
         for rows in range(0, q.shape[0], chunk):
             for cols in range(0, k.shape[0], chunk):
-                block = torch.logsumexp(q_scaled[rows:rows + chunk] @ k[cols:cols + chunk].T, dim=1)  # (c,)
-                lse[rows:rows + chunk] = torch.logaddexp(lse[rows:rows + chunk], block)
+                logits = _block(buffer, q_scaled[rows:rows + chunk], k[cols:cols + chunk])  # (c, c)
+                peak = logits.amax(dim=1, keepdim=True)  # (c, 1), for a stable exp
+                block_lse = logits.sub_(peak).exp_().sum(dim=1).log_().add_(peak[:, 0])  # (c,)
+                lse[rows:rows + chunk] = torch.logaddexp(lse[rows:rows + chunk], block_lse)
         ctx.save_for_backward(q, k, scale, lse)
         ctx.chunk = chunk
         return lse
@@ -45,14 +54,15 @@ class ChunkedLogSumExp(torch.autograd.Function):
     def backward(ctx, grad_lse: torch.Tensor):
         q, k, scale, lse = ctx.saved_tensors
         chunk, q_scaled = ctx.chunk, q * scale
+        buffer = q.new_empty(min(chunk, q.shape[0]) * min(chunk, k.shape[0]))
         # d lse_i / d logit_ij = p_ij (softmax); w_ij = grad_i * p_ij; logit_ij = scale * q_i . k_j
         dq = torch.zeros_like(q)  # sum_j w_ij k_j      (b, D), before the factor scale
         dk = torch.zeros_like(k)  # sum_i w_ij q_i      (N, D), before the factor scale
         for rows in range(0, q.shape[0], chunk):
             for cols in range(0, k.shape[0], chunk):
                 k_block = k[cols:cols + chunk]
-                w = (q_scaled[rows:rows + chunk] @ k_block.T).sub_(lse[rows:rows + chunk, None]).exp_()  # (c, c)
-                w.mul_(grad_lse[rows:rows + chunk, None])
+                w = _block(buffer, q_scaled[rows:rows + chunk], k_block)  # (c, c) logits, then weights
+                w.sub_(lse[rows:rows + chunk, None]).exp_().mul_(grad_lse[rows:rows + chunk, None])
                 dq[rows:rows + chunk].addmm_(w, k_block)
                 dk[cols:cols + chunk].addmm_(w.T, q[rows:rows + chunk])
         dscale = (dq * q).sum().reshape(scale.shape)  # sum_ij w_ij q_i . k_j
