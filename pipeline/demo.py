@@ -39,7 +39,7 @@ log = get_logger("pipeline.demo")
 @dataclasses.dataclass(kw_only=True)
 class StageConfig:
     config: str  # the stage command's own YAML (relative to configs/)
-    overrides: list[str] = dataclasses.field(default_factory=list)  # key=value; may name {paths} below
+    overrides: list[str] = dataclasses.field(default_factory=list)  # key=value; "{run}" etc. name demo output paths
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -125,7 +125,7 @@ def _zeroshot(eval_dir: Path) -> dict | None:
     """The zero-shot classification result the evaluation wrote (one JSON per dataset and task)."""
     for path in sorted(eval_dir.rglob("*.json")) if eval_dir.exists() else ():
         result = read_json(str(path))
-        if isinstance(result, dict) and "top1" in result.get("metrics", {}):
+        if isinstance(result, dict) and result.get("task") == "zeroshot_classification":
             return result["metrics"]
     return None
 
@@ -139,7 +139,7 @@ def check_goals(goals, numbers: dict) -> list[tuple[str, str, str, bool | None]]
     mm, dup, zs = numbers.get("mismatch"), numbers.get("duplicates"), numbers.get("zeroshot")
     get = lambda d, k: None if d is None else d[k]  # noqa: E731
     return [
-        row("zero-shot top-1 (Fashion-MNIST test)", f">= {goals.zeroshot_top1}", get(zs, "top1"), lambda v: v >= goals.zeroshot_top1),
+        row("zero-shot top-1 (Fashion-MNIST test)", f">= {goals.zeroshot_top1}", get(zs, "acc1"), lambda v: v >= goals.zeroshot_top1),
         row("mismatched captions removed: recall", f">= {goals.mismatch_recall}", get(mm, "recall"), lambda v: v >= goals.mismatch_recall),
         row("mismatched captions removed: precision", f">= {goals.mismatch_precision}", get(mm, "precision"), lambda v: v >= goals.mismatch_precision),
         row("duplicates removed: recall", f">= {goals.duplicate_recall}", get(dup, "recall"), lambda v: v >= goals.duplicate_recall),

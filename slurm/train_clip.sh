@@ -9,6 +9,8 @@
 #   RUN_DIR      run directory (default runs/clip_$SLURM_JOB_ID); a requeued job resumes from its latest checkpoint
 #   DTYPE        bf16 | fp32 (default: bf16 on GPUs, fp32 on CPU)
 #   EVAL=0       do not submit slurm/eval_zeroshot.sh RUN_DIR after a successful run
+#   EVAL_ARGS    what the chained evaluation gets after RUN_DIR: [CONFIG] [key=value ...]
+#                (e.g. "configs/eval/imagenet.yaml dataset.root=/data/imagenet/val")
 #   plus what slurm/common.sh reads: VLPIPE_ROOT, PYTHON, MASTER_PORT, CPU_PROCS_PER_NODE, VLPIPE_LOOPBACK
 #
 #SBATCH --job-name=clip
@@ -32,5 +34,5 @@ vlpipe_torchrun -m train.main --config "$CONFIG" \
     run.run_dir="$RUN_DIR" run.device="$VLPIPE_DEVICE" run.dtype="$DTYPE" run.resume=latest "$@"
 
 if [[ "${EVAL:-1}" == 1 && -f slurm/eval_zeroshot.sh ]]; then
-    vlpipe_log "submitted zero-shot evaluation: job $(vlpipe_submit_after "${SLURM_JOB_ID}" slurm/eval_zeroshot.sh "$RUN_DIR")"
+    vlpipe_log "submitted zero-shot evaluation: job $(vlpipe_submit_after "${SLURM_JOB_ID}" slurm/eval_zeroshot.sh "$RUN_DIR" ${EVAL_ARGS:-})"
 fi

@@ -15,11 +15,14 @@ a GPU cluster would set; there is no CUDA behind them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pwd
+import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -124,9 +127,14 @@ class SlurmCluster:
         return self
 
     def stop(self) -> None:
-        """Cancel remaining jobs, then stop the daemons this cluster started, newest first."""
+        """Cancel remaining jobs, stop the daemons this cluster started (newest first), then any
+        process still carrying this cluster's SLURM_CONF (job steps the daemons left behind)."""
         if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
             self._run("scancel", "--partition=debug")
+            try:
+                _wait_until(lambda: not self._run("squeue", "-h").stdout.strip(), 30, "cancelled jobs to end")
+            except TimeoutError:
+                pass  # their processes are ended below
         for name, proc in reversed(list(self._procs.items())):
             if proc.poll() is None:
                 proc.terminate()
@@ -136,7 +144,20 @@ class SlurmCluster:
                     proc.kill()
                     proc.wait(timeout=5)
         self._procs.clear()
+        for pid in self._leftover_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _leftover_pids(self) -> list[int]:
+        marker = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                with contextlib.suppress(OSError):
+                    if marker in (entry / "environ").read_bytes().split(b"\0"):
+                        pids.append(int(entry.name))
+        return pids
 
     def __enter__(self) -> "SlurmCluster":
         return self.start()
@@ -189,6 +210,9 @@ class SlurmCluster:
             root=self.root, state=state, munge=self.munge_socket, ctld_port=ctld_port,
             nodelist=nodelist, node_ports=f"{node_ports[0]}-{node_ports[-1]}", cpus=self.cpus,
             gres=f"Gres=gpu:{self.gpus}" if self.gpus else "",
+            # Jobs derive ports from their id: start at a random id so that two clusters in a row
+            # (or side by side) do not hand the same port to their first jobs.
+            first_job_id=random.randrange(1000, 1_000_000),
         ))
 
     def _all_idle(self) -> bool:
@@ -206,8 +230,12 @@ class SlurmCluster:
         """``sbatch --wait`` SCRIPT ARGS: blocks until the job ends; the Job holds its exit code and output."""
         out = Path(tempfile.mkstemp(dir=self.root, prefix="job-", suffix=".out")[1])
         argv = ["sbatch", "--wait", "--parsable", f"--output={out}", *options, str(script), *args]
-        proc = subprocess.run(argv, env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout)
+        try:
+            proc = subprocess.run(argv, env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            self._run("scancel", str(int((err.stdout or b"0").split()[0])))
+            raise TimeoutError(f"{script} ran past {timeout:.0f}s; its output so far:\n{out.read_text(errors='replace')[-6000:]}") from None
         match = re.match(r"(\d+)", proc.stdout)
         if not match:
             raise RuntimeError(f"sbatch refused {script}: {proc.stderr.strip()}")
@@ -260,6 +288,7 @@ SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 GresTypes=gpu
 MinJobAge=5
+FirstJobId={first_job_id}
 EnforcePartLimits=ALL
 NodeName={nodelist} NodeHostname=localhost NodeAddr=127.0.0.1 Port={node_ports} CPUs={cpus} {gres} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
