@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from eval_data import colour_png, write_shard
 from eval_models import PALETTE
 
 COLOURS = list(PALETTE)
-
-
-def _png(colour: str, size: int = 12, shade: int = 0) -> bytes:
-    rgb = tuple(max(0, v - shade) for v in PALETTE[colour])
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_shard(path: Path, samples: list[dict[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for i, sample in enumerate(samples):
-            for ext, data in sample.items():
-                info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +19,7 @@ def colour_shards(tmp_path_factory) -> str:
     samples = []
     for label, colour in enumerate(COLOURS):
         captions = [f"a {colour} square", f"something {colour}"] + ([f"plain {colour}"] if label % 2 else [])
-        samples.append({"png": _png(colour), "txt": "\n".join(captions).encode(), "cls": str(label).encode()})
+        samples.append({"png": colour_png(colour), "txt": "\n".join(captions).encode(), "cls": str(label).encode()})
     write_shard(root / "00000.tar", samples[:4])
     write_shard(root / "00001.tar", samples[4:])
     return str(root / "{00000..00001}.tar")
@@ -50,5 +32,5 @@ def colour_folder(tmp_path_factory) -> Path:
     for colour in COLOURS:
         (root / colour).mkdir()
         for shade in range(3):
-            (root / colour / f"{shade}.png").write_bytes(_png(colour, shade=20 * shade))
+            (root / colour / f"{shade}.png").write_bytes(colour_png(colour, shade=20 * shade))
     return root

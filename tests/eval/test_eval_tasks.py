@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from eval_data import write_shard
 from eval_models import PALETTE, ProjectionWithOracleItm, palette_encoder, projection_encoder
 from pipeline import config
 from pipeline.evaluation import EvalConfig, run
@@ -117,3 +118,27 @@ def test_imagenet_prompts_come_from_open_clip(tmp_path):
     data = EvalSet(cfg.dataset)
     assert len(data.classnames) == 1000 and data.classnames[0] == "tench"
     assert len(data.templates) == 80 and all("{c}" in t for t in data.templates)
+
+
+def test_a_corrupt_image_stops_with_its_name(tmp_path, colour_shards):
+    write_shard(tmp_path / "bad.tar", [{"png": b"not a png", "txt": b"a red square", "cls": b"0"}])
+    dataset = {"name": "wds", "urls": str(tmp_path / "bad.tar"), "classnames": COLOURS}
+    with pytest.raises(ValueError, match=r"cannot decode the image of .*bad\.tar/000000"):
+        run(_cfg(tmp_path, dataset, [{"name": "zeroshot_classification"}]), palette_encoder())
+
+
+def test_report_merges_runs_into_one_table(tmp_path, colour_folder, colour_shards):
+    from pipeline.evaluation import report
+
+    folder = {"name": "image_folder", "root": str(colour_folder)}
+    run(_cfg(tmp_path / "a", folder, [{"name": "zeroshot_classification"}], plots=False), palette_encoder())
+    run(_cfg(tmp_path / "b", {"name": "wds", "urls": colour_shards}, [{"name": "retrieval"}], plots=False),
+        projection_encoder())
+    report.main([str(tmp_path / "a" / "out"), str(tmp_path / "b" / "out"), "--output", str(tmp_path / "all")])
+    lines = (tmp_path / "all.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert header[:4] == ["model", "step", "dataset", "task"] and "acc1" in header and "mean_recall" in header
+    rows = {row.split(",")[0]: dict(zip(header, row.split(","))) for row in lines[1:]}
+    assert rows["palette"]["acc1"] == "1" and rows["palette"]["mean_recall"] == ""
+    assert rows["projection"]["task"] == "retrieval" and rows["projection"]["acc1"] == ""
+    assert (tmp_path / "all.md").read_text().count("\n") == 4  # header, rule, two rows

@@ -34,14 +34,14 @@ def test_briefly_trained_clip_beats_chance_zero_shot(tmp_path):
     run_dir = tmp_path / "run"
     cmd, env = fixtures.torchrun_command(
         ["-m", "train.main", "--config", "configs/clip/tiny.yaml", f"data.path={data}", f"run.run_dir={run_dir}",
-         "run.steps=40", "run.ckpt_every=40", "run.log_every=10", "data.batch_size=64", "data.workers=1"], nproc=1)
-    trained = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+         "run.steps=40", "run.ckpt_every=40", "run.log_every=10", "data.batch_size=64", "data.workers=0"], nproc=1)
+    trained = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr[-4000:]
 
     evaluated = subprocess.run(
         [sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(run_dir), "--config", "eval/fashion_mnist.yaml",
          f"dataset.start={TRAINED}", "dataset.limit=1000", "tasks=[{name: zeroshot_classification}]"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-4000:]
     [result] = json.loads(evaluated.stdout)
     assert result["model"]["step"] == 40
