@@ -65,6 +65,9 @@ class SSLEncoder(nn.Module):
             tokenizer="",
         )
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D) representation before the projection head."""
         return self.backbone(images)

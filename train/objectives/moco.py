@@ -72,13 +72,13 @@ class MoCo(nn.Module):
         self.key_encoder.update()  # after the optimizer step, as MoCo updates before the next keys
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        q = F.normalize(self.model(batch["view1"]), dim=-1)  # (b, d)
+        q = F.normalize(self.model(batch["view1"]).float(), dim=-1)  # (b, d), fp32 under bf16
         with torch.no_grad():
             key_encoder = self.key_encoder["model"]
             k = shuffled_forward(key_encoder, batch["view2"]) if self.shuffle_bn else key_encoder(batch["view2"])
-            k = F.normalize(k, dim=-1)  # (b, d)
-            negatives = self.queue.get("key").clone()  # (K, d); cloned: enqueue below writes in place
-        logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ negatives.T], dim=1).float() / self.temperature
+            k = F.normalize(k.float(), dim=-1)  # (b, d)
+            negatives = self.queue.get("key").clone().float()  # (K, d); cloned: enqueue below writes in place
+        logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ negatives.T], dim=1) / self.temperature
         target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive is column 0
         loss = F.cross_entropy(logits, target)
         if self.training:

@@ -56,6 +56,6 @@ class SimCLR(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # One pass over both views, so BatchNorm normalises them with the same statistics.
         views = torch.cat([batch["view1"], batch["view2"]])  # (2b, 3, H, W)
-        z1, z2 = F.normalize(self.model(views), dim=-1).chunk(2)  # (b, d) each
+        z1, z2 = F.normalize(self.model(views).float(), dim=-1).chunk(2)  # (b, d) each, fp32 under bf16
         loss = nt_xent(z1, z2, self.temperature)
         return {"loss": loss, "nt_xent": loss.detach()}
