@@ -1,0 +1,177 @@
+"""Deduplication as a cascade of levels; in every group of copies the first input row survives.
+
+Levels (run in the configured order, each on what the previous ones kept):
+- ``rows``: the same uid twice (the same url and caption listed again) -> duplicate_row
+- ``exact``: the same sha256 of the downloaded bytes -> exact_dup
+- ``pixel``: the same picture re-encoded, resized, shifted or mirrored (see filter/near_dup.py) -> near_dup
+- ``embedding``: SemDeDup: k-means over image embeddings, then pairs within a cluster whose cosine
+  passes ``threshold`` (and, optionally, beats each item's k-th neighbour by ``margin``, a
+  copy-detection style normalisation that keeps look-alike classes apart) -> semantic_dup
+- ``caption``: the same normalised caption -> caption_dup (off by default: templated captions repeat)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from typing import Callable, Iterator
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from filter import STEPS, Step, decisions
+from filter.embedders import EMBEDDERS
+from filter.near_dup import PixelMatchConfig, groups, matching_pairs, thumbnail
+from pipeline.io import atomic_write
+from pipeline.log import get_logger
+from pipeline.registry import Registry
+
+log = get_logger(__name__)
+LEVELS: Registry = Registry("dedupe level")
+
+
+@dataclasses.dataclass(kw_only=True)
+class EmbeddingDedupeConfig:
+    embedder: str = "clip_score"  # see filter/embedders.py
+    image_size: int = 224  # input side for embedders computed here
+    threshold: float = 0.95  # cosine
+    margin: float = 0.0  # and at least this much above both items' k-th neighbour similarity
+    background_k: int = 10
+    cluster_size: int = 2000  # SemDeDup: n / cluster_size k-means clusters
+
+
+@dataclasses.dataclass(kw_only=True)
+class DedupeConfig:
+    levels: list[str] = dataclasses.field(default_factory=lambda: ["rows", "exact", "pixel", "embedding"])
+    pixel: PixelMatchConfig = dataclasses.field(default_factory=PixelMatchConfig)
+    embedding: EmbeddingDedupeConfig = dataclasses.field(default_factory=EmbeddingDedupeConfig)
+
+    def validate(self) -> None:
+        for level in self.levels:
+            LEVELS.get(level)
+
+
+@dataclasses.dataclass
+class Features:
+    """Per-sample features of the samples still in the running, sorted by input row."""
+
+    rows: np.ndarray
+    uid: np.ndarray
+    sha256: np.ndarray
+    caption: np.ndarray
+    thumbs: np.ndarray | None
+    embeddings: np.ndarray | None
+
+    def take(self, index: np.ndarray) -> "Features":
+        return Features(*(None if v is None else v[index] for v in dataclasses.astuple(self)))
+
+
+def first_of_equal(values: np.ndarray) -> np.ndarray:
+    """(n,) index of the first item with the same value (items are in input order)."""
+    _, first, inverse = np.unique(values, return_index=True, return_inverse=True)
+    return first[inverse]
+
+
+@LEVELS.register("rows")
+def _rows(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
+    return first_of_equal(f.uid), "duplicate_row"
+
+
+@LEVELS.register("exact")
+def _exact(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
+    return first_of_equal(f.sha256), "exact_dup"
+
+
+@LEVELS.register("caption")
+def _caption(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
+    return first_of_equal(f.caption), "caption_dup"
+
+
+@LEVELS.register("pixel")
+def _pixel(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
+    return groups(len(f.rows), matching_pairs(f.thumbs, f.thumbs, cfg.pixel, exclude_self=True)), "near_dup"
+
+
+@LEVELS.register("embedding")
+def _embedding(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
+    c = cfg.embedding
+    emb = np.ascontiguousarray(f.embeddings, np.float32)
+    n_clusters = max(1, len(emb) // c.cluster_size)
+    if n_clusters > 1:
+        kmeans = faiss.Kmeans(emb.shape[1], n_clusters, niter=20, seed=0, spherical=True)
+        kmeans.train(emb)
+        cluster = kmeans.index.search(emb, 1)[1][:, 0]
+    else:
+        cluster = np.zeros(len(emb), np.int64)
+    pairs = [_cluster_pairs(np.flatnonzero(cluster == k), emb, c) for k in np.unique(cluster)]
+    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    return groups(len(emb), pairs), "semantic_dup"
+
+
+def _cluster_pairs(members: np.ndarray, emb: np.ndarray, c: EmbeddingDedupeConfig) -> np.ndarray:
+    sim = emb[members] @ emb[members].T  # (m, m)
+    np.fill_diagonal(sim, -1.0)
+    if c.margin > 0 and len(members) > c.background_k:
+        background = -np.partition(-sim, c.background_k - 1, axis=1)[:, c.background_k - 1]  # k-th neighbour
+        sim = np.where(sim - np.maximum(background[:, None], background[None, :]) >= c.margin, sim, -1.0)
+    a, b = np.nonzero(np.triu(sim >= c.threshold, 1))
+    return np.stack([members[a], members[b]], 1)
+
+
+def normalize_caption(caption: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", caption.lower()).split())
+
+
+@STEPS.register("dedupe")
+class Dedupe(Step):
+    Config = DedupeConfig
+    has_dataset_phase = True
+
+    def shard(self, part: int, samples: Iterator[dict]) -> pa.Table:
+        batch = list(samples)
+        cfg, layout, name = self.cfg, self.context.layout, self.context.name
+        if "pixel" in cfg.levels:
+            thumbs = np.stack([thumbnail(s["image"], cfg.pixel) for s in batch]) if batch else np.zeros((0, cfg.pixel.size, cfg.pixel.size), np.uint8)
+            _save(layout.step(name, part, ".thumbs.npy"), thumbs)
+        if "embedding" in cfg.levels:
+            embedder = EMBEDDERS.build(cfg.embedding.embedder, layout, cfg.embedding.image_size)
+            rows, emb = embedder.part(part, iter(batch))
+            where = {r: i for i, r in enumerate(rows)}
+            _save(layout.step(name, part, ".embed.npy"), emb[[where[s["row"]] for s in batch]] if batch else emb[:0])
+        return decisions(
+            [s["row"] for s in batch], [""] * len(batch), uid=[s["uid"] for s in batch],
+            sha256=[s["meta"].get("sha256") or hashlib.sha256(s["image"]).hexdigest() for s in batch],
+            caption_norm=[normalize_caption(s["caption"]) for s in batch],
+        )
+
+    def dataset(self, table: pa.Table) -> list[str]:
+        features, order = self._features(table)
+        reasons = np.full(len(order), "", dtype=object)
+        alive = np.arange(len(order))  # positions in row order
+        for level in self.cfg.levels:
+            root, reason = LEVELS.get(level)(features.take(alive), self.cfg)
+            dropped = root != np.arange(len(alive))
+            reasons[alive[dropped]] = reason
+            log.info("dedupe %s: %d of %d dropped as %s", level, dropped.sum(), len(alive), reason)
+            alive = alive[~dropped]
+        out = np.empty(len(order), dtype=object)
+        out[order] = reasons  # back to the table's order
+        return out.tolist()
+
+    def _features(self, table: pa.Table) -> tuple[Features, np.ndarray]:
+        layout, name, parts = self.context.layout, self.context.name, sorted(set(table["part"].to_pylist()))
+        load: Callable[[str], np.ndarray | None] = lambda kind: (
+            np.concatenate([np.load(layout.step(name, p, f".{kind}.npy")) for p in parts]) if parts else None
+        )
+        order = np.argsort(table["row"].to_numpy(), kind="stable")
+        columns = [table[c].to_numpy(zero_copy_only=False) for c in ("row", "uid", "sha256", "caption_norm")]
+        thumbs = load("thumbs") if "pixel" in self.cfg.levels else None
+        emb = load("embed") if "embedding" in self.cfg.levels else None
+        return Features(*columns, thumbs, emb).take(order), order
+
+
+def _save(path: str, array: np.ndarray) -> None:
+    with atomic_write(path) as f:
+        np.save(f, array)

@@ -1,0 +1,102 @@
+"""Pixel-level near-duplicate matching, shared by dedupe and decontamination.
+
+pHash does not separate small images: on the embedded pool's 28x28 Fashion-MNIST items, distinct
+images collide at Hamming distance 0 while one-pixel shifts of the same image land at 6 to 22.
+So candidates come from a translation-invariant descriptor (the magnitude of the low 2-D Fourier
+frequencies of a grey thumbnail, queried as is and mirrored) through a faiss kNN search, and each
+candidate pair is confirmed by the RMS difference of the two blurred thumbnails at their best
+alignment (small shifts, mirrored or not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+
+@dataclasses.dataclass(kw_only=True)
+class PixelMatchConfig:
+    size: int = 32  # thumbnail side
+    blur: float = 1.0  # Gaussian radius (pixels of the thumbnail) before comparing: absorbs JPEG and resampling noise
+    neighbours: int = 8  # kNN candidates per image and orientation
+    max_shift: int = 1  # alignment search, thumbnail pixels
+    max_rms: float = 8.0  # grey levels (0-255): at most this different after alignment = the same picture
+
+
+def thumbnail(image: bytes | Image.Image, cfg: PixelMatchConfig) -> np.ndarray:
+    """(size, size) uint8 grey thumbnail of encoded bytes or an image, blurred."""
+    image = Image.open(io.BytesIO(image)) if isinstance(image, bytes) else image
+    image = image.convert("L").resize((cfg.size, cfg.size), Image.BILINEAR)
+    if cfg.blur:
+        image = image.filter(ImageFilter.GaussianBlur(cfg.blur))
+    return np.asarray(image, np.uint8)
+
+
+def descriptor(thumbs: np.ndarray) -> np.ndarray:
+    """(N, 64) unit-norm log-magnitudes of the 8x8 lowest frequencies: blind to translation."""
+    x = thumbs.astype(np.float32)
+    spectrum = np.abs(np.fft.fft2(x - x.mean((1, 2), keepdims=True)))[:, :8, :8]
+    d = np.log1p(spectrum).reshape(len(x), -1).astype(np.float32)
+    return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-6)
+
+
+def candidates(queries: np.ndarray, base: np.ndarray, k: int, exclude_self: bool) -> np.ndarray:
+    """(M, 2) unique (query, base) index pairs: each query's k nearest base thumbnails, as is or mirrored."""
+    if len(base) == 0 or len(queries) == 0:
+        return np.zeros((0, 2), np.int64)
+    index = faiss.IndexFlatIP(64)
+    index.add(descriptor(base))
+    k = min(k + int(exclude_self), len(base))
+    found = [index.search(descriptor(q), k)[1] for q in (queries, queries[:, :, ::-1])]
+    q = np.repeat(np.arange(len(queries)), 2 * k)
+    b = np.concatenate(found, axis=1).ravel()
+    keep = (b >= 0) & ((q != b) if exclude_self else True)
+    pairs = np.stack([q[keep], b[keep]], 1)
+    if exclude_self:  # (a, b) and (b, a) are the same pair
+        pairs = np.sort(pairs, axis=1)
+    return np.unique(pairs, axis=0)
+
+
+def aligned_rms(a: np.ndarray, b: np.ndarray, max_shift: int) -> np.ndarray:
+    """(N,) RMS grey-level difference of thumbnail pairs at their best shift and mirroring."""
+    s, n = max_shift, a.shape[-1]
+    a = torch.from_numpy(a.astype(np.float32))[:, s : n - s, s : n - s]  # (N, n-2s, n-2s)
+    b = torch.from_numpy(b.astype(np.float32))
+    best = torch.full((len(a),), float("inf"))
+    for bb in (b, b.flip(-1)):
+        for dy in range(-s, s + 1):
+            for dx in range(-s, s + 1):
+                shifted = bb[:, s + dy : n - s + dy, s + dx : n - s + dx]
+                best = torch.minimum(best, (a - shifted).pow(2).mean((1, 2)).sqrt())
+    return best.numpy()
+
+
+def matching_pairs(queries: np.ndarray, base: np.ndarray, cfg: PixelMatchConfig, exclude_self: bool) -> np.ndarray:
+    """(M, 2) (query, base) pairs that show the same picture."""
+    pairs = candidates(queries, base, cfg.neighbours, exclude_self)
+    same = np.zeros(len(pairs), bool)
+    for start in range(0, len(pairs), 65536):
+        chunk = pairs[start : start + 65536]
+        same[start : start + len(chunk)] = aligned_rms(queries[chunk[:, 0]], base[chunk[:, 1]], cfg.max_shift) <= cfg.max_rms
+    return pairs[same]
+
+
+def groups(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected components of ``pairs`` over n items: (n,) the smallest index of each item's group."""
+    parent = np.arange(n)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    return np.array([root(i) for i in range(n)])

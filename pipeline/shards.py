@@ -1,0 +1,106 @@
+"""Where every stage of the data pipeline reads and writes, and the shard readers/writers.
+
+    OUT/input/{part}.parquet        prepared rows of the URL list (pipeline.sources)
+    OUT/download/{part}.tar|.parquet|_stats.json   img2dataset's output, one shard per part;
+                                    ``_stats.json`` is moved in last, so it marks a complete shard
+    OUT/steps/{step}/{part}.parquet a curation step's per-shard decisions and features
+    OUT/steps/{step}/decisions.parquet   its dataset-wide decisions
+    OUT/shards/{shard}.tar, sizes.json, manifest.parquet, stats.json, config.yaml   the result
+
+Tar member names are only ever used as dictionary keys, never as file paths.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from typing import Iterable, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from pipeline.io import atomic_write, exists
+
+
+class Layout:
+    def __init__(self, root: str):
+        self.root = str(root).rstrip("/")
+
+    @property
+    def input_index(self) -> str:
+        return f"{self.root}/input/index.json"
+
+    def input_part(self, part: int) -> str:
+        return f"{self.root}/input/{part:06d}.parquet"
+
+    def download(self, part: int, suffix: str) -> str:
+        return f"{self.root}/download/{part:06d}{suffix}"
+
+    def step(self, name: str, part: int, suffix: str = ".parquet") -> str:
+        return f"{self.root}/steps/{name}/{part:06d}{suffix}"
+
+    def decisions(self, name: str) -> str:
+        return f"{self.root}/steps/{name}/decisions.parquet"
+
+    def shard(self, index: int) -> str:
+        return f"{self.root}/shards/{index:06d}.tar"
+
+    def at_root(self, name: str) -> str:
+        """The result files: sizes.json, manifest.parquet, stats.json, config.yaml, reshard_plan.parquet."""
+        return f"{self.root}/{name}"
+
+
+def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    with fsspec.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def write_parquet(path: str, table: pa.Table) -> None:
+    with atomic_write(path) as f:
+        pq.write_table(table, f)
+
+
+def done(path: str) -> bool:
+    return exists(path)
+
+
+# ---------------------------------------------------------------------------- samples
+
+IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
+
+
+def samples(tar_path: str, handler=wds.reraise_exception) -> Iterator[dict]:
+    """Samples of one downloaded shard: {"row", "uid", "image" (bytes), "caption", "meta", "key"}."""
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList([tar_path]),
+        wds.tarfile_to_samples(handler=handler),  # a stream of {"__key__", "jpg", "txt", "json"}
+        wds.map(_as_sample),
+    )
+    yield from pipeline
+
+
+def _as_sample(raw: dict) -> dict:
+    meta = json.loads(raw["json"])
+    image = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
+    return {"row": int(meta["row"]), "uid": meta["uid"], "image": image, "caption": raw.get("txt", b"").decode("utf-8"),
+            "meta": meta, "key": raw["__key__"]}
+
+
+def alive(records: Iterable[dict], rows: set[int]) -> Iterator[dict]:
+    """Keep the records whose row is still in the running (not dropped by an earlier step)."""
+    return (r for r in records if r["row"] in rows)
+
+
+def write_tar(path: str, members: Iterable[tuple[str, bytes]]) -> int:
+    """Write (name, data) members to ``path`` atomically; returns the number of members."""
+    count = 0
+    with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed mtime: identical reruns give identical bytes
+            tar.addfile(info, io.BytesIO(data))
+            count += 1
+    return count

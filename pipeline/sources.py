@@ -1,0 +1,194 @@
+"""Read a LAION-style URL list and cut it into input parts, one per download shard.
+
+The list is parquet, csv, tsv or jsonl(.gz): one file or a folder of them, local or any fsspec
+URL (s3://, gs://). Schema problems (a missing url or caption column, an unreadable file) stop
+here, before any work. Every row gets ``row`` (its position in the list), a 128-bit ``uid``
+(given, or derived from url and caption) and ``reject``: "" or why it is never fetched
+(``unsupported_url_scheme``, ``invalid_utf8``, ``invalid_uid``). Other columns are carried through.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import re
+from typing import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from pipeline.io import atomic_write, exists, read_json, write_json
+from pipeline.log import get_logger, progress
+
+log = get_logger(__name__)
+SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl"}
+INTERNAL = ("row", "uid", "url", "caption", "reject", "fetch_url")  # columns this stage owns
+_UID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class InputError(ValueError):
+    """The URL list cannot be used (schema or read problem); raised before any work."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class InputConfig:
+    url_col: str = "url"
+    caption_col: str = "caption"
+    uid_col: str = ""  # a column of given 32-hex-char uids; "" derives uids from url and caption
+    format: str = ""  # parquet | csv | tsv | jsonl; "" = from the file suffix
+    part_size: int = 10000  # rows per input part = per download shard
+
+    def validate(self) -> None:
+        if self.format and self.format not in set(SUFFIXES.values()):
+            raise ValueError(f"format must be one of {sorted(set(SUFFIXES.values()))}, got {self.format!r}")
+        if self.part_size < 1:
+            raise ValueError("part_size must be >= 1")
+
+
+def input_files(path: str, fmt: str) -> list[tuple[str, str]]:
+    """(file, format) for a file or every list file in a folder, in name order."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(root):
+        raise InputError(f"input {path!r} does not exist")
+    names = sorted(fs.find(root)) if fs.isdir(root) else [root]
+    files = [(fs.unstrip_protocol(n), fmt or _format_of(n)) for n in names if fmt or _format_of(n)]
+    if not files:
+        raise InputError(f"no URL list files ({', '.join(SUFFIXES)}) in {path!r}")
+    return files
+
+
+def _format_of(name: str) -> str:
+    return next((f for s, f in SUFFIXES.items() if name.endswith(s)), "")
+
+
+def read_list(path: str, fmt: str, cfg: InputConfig) -> pa.Table:
+    """One list file as a table with string ``url`` and ``caption``; bad UTF-8 is marked, not fatal."""
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f:
+            if fmt == "parquet":
+                table = pq.read_table(f)
+            elif fmt == "jsonl":
+                table = pajson.read_json(f)
+            else:  # csv/tsv: text columns as bytes, so one bad caption is a counted skip
+                binary = {cfg.url_col: pa.binary(), cfg.caption_col: pa.binary()}
+                table = pacsv.read_csv(
+                    f, parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+                    convert_options=pacsv.ConvertOptions(column_types=binary),
+                )
+    except (OSError, pa.ArrowException) as err:
+        raise InputError(f"cannot read {path!r} as {fmt}: {err}") from None
+    check_schema(table.schema, cfg, path)
+    return table
+
+
+def check_schema(schema: pa.Schema, cfg: InputConfig, path: str) -> None:
+    missing = [c for c in (cfg.url_col, cfg.caption_col, cfg.uid_col) if c and c not in schema.names]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing} (has {schema.names}); set input.url_col / input.caption_col")
+
+
+def _decode(values: pa.Array) -> tuple[list[str], list[bool]]:
+    """Strings from a string or binary column; invalid UTF-8 becomes "" and is flagged."""
+    texts, bad = [], []
+    for value in values.to_pylist():
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                texts.append(""), bad.append(True)
+                continue
+        texts.append("" if value is None else str(value)), bad.append(False)
+    return texts, bad
+
+
+def derive_uid(url: str, caption: str) -> str:
+    """128 bits of sha256(url, caption): the same pair always gets the same uid."""
+    return hashlib.sha256(f"{url}\x00{caption}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def normalize(table: pa.Table, cfg: InputConfig, first_row: int) -> pa.Table:
+    """The list's rows with this stage's columns (see the module docstring) plus the extra columns."""
+    urls, bad_url = _decode(table[cfg.url_col])
+    captions, bad_caption = _decode(table[cfg.caption_col])
+    given = table[cfg.uid_col].to_pylist() if cfg.uid_col else [None] * len(urls)
+    uids, reject = [], []
+    for url, caption, uid, bu, bc in zip(urls, captions, given, bad_url, bad_caption):
+        uid = str(uid).lower() if uid is not None else derive_uid(url, caption)
+        uids.append(uid)
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        reject.append(
+            "invalid_utf8" if bu or bc else "invalid_uid" if not _UID.match(uid)
+            else "" if scheme in ("http", "https") else "unsupported_url_scheme"
+        )
+    columns = {
+        "row": pa.array(range(first_row, first_row + len(urls)), pa.int64()),
+        "uid": uids, "url": urls, "caption": captions, "reject": reject,
+        "fetch_url": [u if r == "" else "" for u, r in zip(urls, reject)],  # what img2dataset may fetch
+    }
+    extras = [c for c in table.column_names if c not in (cfg.url_col, cfg.caption_col, cfg.uid_col, *INTERNAL)]
+    columns.update({c: table[c] for c in extras})
+    return pa.table(columns)
+
+
+def _parts(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
+    pending: list[pa.Table] = []
+    rows = 0
+    for table in tables:
+        pending.append(table)
+        rows += table.num_rows
+        while rows >= size:
+            merged = pa.concat_tables(pending, promote_options="permissive").combine_chunks()
+            yield merged.slice(0, size)
+            pending, rows = [merged.slice(size)], rows - size
+    if rows:
+        yield pa.concat_tables(pending, promote_options="permissive")
+
+
+def prepare(path: str, cfg: InputConfig, layout) -> dict:
+    """Write ``input/{part}.parquet`` and ``input/index.json``; skipped when the index exists."""
+    if exists(layout.input_index):
+        return read_json(layout.input_index)
+    files = input_files(path, cfg.format)
+    for name, fmt in files:  # every schema first: a bad file stops the run before any work
+        _check_file_schema(name, fmt, cfg)
+
+    def tables() -> Iterator[pa.Table]:
+        first = 0
+        for name, fmt in progress(files, desc="read list"):
+            table = normalize(read_list(name, fmt, cfg), cfg, first)
+            first += table.num_rows
+            yield table
+
+    rows = parts = 0
+    rejected: dict[str, int] = {}
+    for part, table in enumerate(_parts(tables(), cfg.part_size)):
+        with atomic_write(layout.input_part(part)) as f:
+            pq.write_table(table, f)
+        rows, parts = rows + table.num_rows, part + 1
+        for reason in table["reject"].to_pylist():
+            if reason:
+                rejected[reason] = rejected.get(reason, 0) + 1
+    if rows == 0:
+        raise InputError(f"{path!r} has no rows")
+    index = {"rows": rows, "parts": parts, "part_size": cfg.part_size, "rejected": rejected, "source": str(path)}
+    write_json(layout.input_index, index)
+    log.info("input: %d rows in %d parts of %d (%s rejected before download)", rows, parts, cfg.part_size, sum(rejected.values()))
+    return index
+
+
+def _check_file_schema(name: str, fmt: str, cfg: InputConfig) -> None:
+    try:
+        with fsspec.open(name, "rb", compression="infer") as f:
+            if fmt == "parquet":
+                names = pq.read_schema(f).names
+            else:
+                first = f.readline().decode("utf-8", "replace")
+                names = list(json.loads(first)) if fmt == "jsonl" else next(csv.reader([first.rstrip("\r\n")], delimiter="\t" if fmt == "tsv" else ","))
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise InputError(f"cannot read {name!r} as {fmt}: {err}") from None
+    check_schema(pa.schema([(n, pa.string()) for n in names]), cfg, name)
