@@ -68,6 +68,9 @@ def _load_open_clip(spec: str, device: str) -> Encoder:
 
     _, name, *rest = spec.split(":", 2)
     pretrained = rest[0] if rest else None
+    if name.endswith(".json"):  # an architecture of one's own: open_clip:path/to/NAME.json[:WEIGHTS]
+        open_clip.add_model_config(name)
+        name = name.rsplit("/", 1)[-1].removesuffix(".json")
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
     tokenizer = open_clip.get_tokenizer(name)
 
