@@ -1,0 +1,47 @@
+"""SimCLR and MoCo configs load strictly and build; the SSL model's contract and BN conversion."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import config
+from train.batchnorm import GlobalBatchNorm
+import train.transforms_ssl  # noqa: F401  (registers the simclr and moco_v2 transforms)
+from train.config import TrainConfig
+from train.data import TRANSFORMS
+from train.registry import MODELS, OBJECTIVES
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SSL_CONFIGS = sorted((CONFIGS / "simclr").glob("*.yaml")) + sorted((CONFIGS / "moco").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SSL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_ssl_config_loads_strictly(path):
+    cfg = config.load(TrainConfig, path)
+    assert cfg.objective.name in ("simclr", "moco_v2") and not cfg.data.text
+    assert config.from_dict(TrainConfig, config.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco_v2"])
+def test_tiny_objective_trains_on_two_views_from_its_transform(name):
+    cfg = config.load(TrainConfig, CONFIGS / ("simclr" if name == "simclr" else "moco") / "tiny.yaml")
+    model = MODELS.build(cfg.model.name, cfg.model)
+    assert model.contract.tokenizer == "" and model.contract.image_size == 32
+    objective = OBJECTIVES.build(cfg.objective.name, cfg.objective, model)
+    transform = TRANSFORMS.build(cfg.data.transform, cfg.data, model.contract)
+    samples = [transform(Image.new("L", (28, 28), color=40 * i)) for i in range(4)]
+    batch = {key: torch.stack([s[key] for s in samples]) for key in ("view1", "view2")}
+    assert batch["view1"].shape == (4, 3, 32, 32) and not torch.equal(batch["view1"], batch["view2"])
+    out = objective(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.head[0].weight.grad is not None
+    assert model.encode_image(batch["view1"]).shape == (4, model.backbone.num_features)
+    assert any(isinstance(m, GlobalBatchNorm) for m in model.modules()) == cfg.model.sync_bn
+
+
+def test_sync_bn_refuses_batchnorm_it_cannot_convert():
+    cfg = MODELS.get("ssl").Config(backbone="efficientnet_b0", image_size=32, sync_bn=True)  # BatchNormAct2d
+    with pytest.raises(ValueError, match="cannot synchronise BatchNormAct2d"):
+        MODELS.build("ssl", cfg)
