@@ -48,8 +48,8 @@ def pool_routes(pool: pa.Table) -> dict[str, tuple[int, dict[str, str], bytes]]:
     """URL path -> (status, headers, body) for every row of the pool."""
     routes = {}
     for row in pool.select(["path", "http", "content"]).to_pylist():
-        if row["path"] in routes and row["content"] is None:
-            continue  # a repeated URL (duplicate_row) answers like its first row
+        if row["content"] is None and row["http"] not in ("404", "500"):
+            continue  # a repeated URL (duplicate_row) answers like the row that holds its bytes
         ctype = {"Content-Type": _CONTENT_TYPES.get(Path(row["path"]).suffix, "application/octet-stream")}
         if row["http"] == "404":
             routes[row["path"]] = (HTTPStatus.NOT_FOUND, {}, b"not found")
