@@ -18,13 +18,14 @@ so DeepSpeed saves, restores and (ZeRO-3) partitions them with everything else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.gather import all_gather_no_grad, all_gather_with_grad
+from train.gather import all_gather_no_grad, all_gather_with_grad, world
 from train.momentum import Momentum
 from train.parallel import local_shard
 from train.queue import FeatureQueue
@@ -45,13 +46,14 @@ def hard_negatives(similarity: torch.Tensor, same_id: torch.Tensor, generator: t
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: torch.Tensor, mask_id: int,
-                vocab_size: int, probability: float) -> tuple[torch.Tensor, torch.Tensor]:
+                vocab_size: int, probability: float, generator: torch.Generator | None = None):
     """BERT masking: (masked ids, labels); labels are -100 except at the chosen positions."""
     maskable = attention_mask.bool() & ~torch.isin(input_ids, special_ids)  # never [CLS]/[SEP]/[PAD]
-    chosen = maskable & (torch.rand(input_ids.shape, device=input_ids.device) < probability)
+    draw = functools.partial(torch.rand, input_ids.shape, device=input_ids.device, generator=generator)
+    chosen = maskable & (draw() < probability)
     labels = input_ids.masked_fill(~chosen, -100)
-    action = torch.rand(input_ids.shape, device=input_ids.device)
-    random_ids = torch.randint(vocab_size, input_ids.shape, device=input_ids.device)
+    action = draw()
+    random_ids = torch.randint(vocab_size, input_ids.shape, device=input_ids.device, generator=generator)
     masked = torch.where(chosen & (action < 0.8), mask_id, input_ids)  # 80% [MASK]
     masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)  # 10% random, 10% kept
     return masked, labels
@@ -74,6 +76,7 @@ class ALBEFObjective(nn.Module):
         temperature_range: tuple[float, float] = (0.001, 0.5)
         mlm_probability: float = 0.15
         itm_negatives: Literal["global", "local"] = "global"  # BLIP's world-batch sampling, or ALBEF's
+        seed: int = 0  # masking and negative sampling draw from a generator seeded by (seed, step, rank)
 
         def validate(self) -> None:
             if not 0 <= self.alpha <= 1 or not 0 < self.mlm_probability < 1:
@@ -95,12 +98,13 @@ class ALBEFObjective(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(model.contract.tokenizer_path, local_files_only=True)
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, model.mlm_head.bias.numel()
         self.register_buffer("special_ids", torch.tensor(tokenizer.all_special_ids), persistent=False)
-        self.alpha = cfg.alpha
+        self.alpha, self.step = cfg.alpha, 0
 
     def check(self, global_batch: int, world_size: int) -> None:
         self.queue.check(global_batch)
 
     def start_step(self, step: int, steps_per_epoch: int) -> None:
+        self.step = step
         rampup = self.cfg.alpha_rampup_epochs * steps_per_epoch
         self.alpha = self.cfg.alpha * min(1.0, step / rampup) if rampup > 0 else self.cfg.alpha
 
@@ -124,8 +128,12 @@ class ALBEFObjective(nn.Module):
             image_feat_m = teacher.image_embedding(teacher_image_tokens)  # (b, D)
             text_feat_m = teacher.text_embedding(teacher.text_tokens(ids, mask))
         itc = self.contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m, sample_id, temperature)
-        itm = self.matching_loss(image_tokens, text_tokens, mask, image_feat, text_feat, sample_id, temperature)
-        mlm = self.masked_lm_loss(ids, mask, image_tokens, teacher_image_tokens)
+        # A function of the step, not of the global RNG: a resumed run draws exactly the same.
+        rank, world_size = world()
+        generator = torch.Generator(ids.device).manual_seed((self.cfg.seed * 1_000_003 + self.step) * world_size + rank)
+        itm = self.matching_loss(image_tokens, text_tokens, mask, image_feat, text_feat, sample_id, temperature,
+                                 generator)
+        mlm = self.masked_lm_loss(ids, mask, image_tokens, teacher_image_tokens, generator)
         if self.training:
             self.queue.enqueue(image=image_feat_m, text=text_feat_m, id=sample_id)
         return {"loss": itc + itm + mlm, "itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach(),
@@ -146,14 +154,16 @@ class ALBEFObjective(nn.Module):
                                            text_targets + (1 - self.alpha) * pairs)
         return (image_to_text + text_to_image) / 2
 
-    def matching_loss(self, image_tokens, text_tokens, mask, image_feat, text_feat, sample_id, temperature):
+    def matching_loss(self, image_tokens, text_tokens, mask, image_feat, text_feat, sample_id, temperature, generator):
         """ITM on b positives, b (image, hard negative text) and b (hard negative image, text) pairs."""
         gather, gather_ids = ((all_gather_with_grad, all_gather_no_grad) if self.cfg.itm_negatives == "global"
                               else (nn.Identity(), nn.Identity()))
         with torch.no_grad():
             same_id = sample_id[:, None] == gather_ids(sample_id)[None]  # (b, N), includes the positive
-            text_index, image_has = hard_negatives(image_feat @ gather_ids(text_feat.detach()).T / temperature, same_id)
-            image_index, text_has = hard_negatives(text_feat @ gather_ids(image_feat.detach()).T / temperature, same_id)
+            text_index, image_has = hard_negatives(image_feat @ gather_ids(text_feat.detach()).T / temperature, same_id,
+                                                   generator)
+            image_index, text_has = hard_negatives(text_feat @ gather_ids(image_feat.detach()).T / temperature, same_id,
+                                                    generator)
         all_text, all_mask, all_images = gather(text_tokens), gather_ids(mask), gather(image_tokens)
         fused = self.model.fuse(torch.cat([text_tokens, all_text[text_index], text_tokens]),
                                 torch.cat([mask, all_mask[text_index], mask]),
@@ -164,10 +174,10 @@ class ALBEFObjective(nn.Module):
                             torch.zeros(b, dtype=torch.long, device=mask.device).masked_fill(~text_has, -100)])
         return F.cross_entropy(self.model.itm_logits(fused).float(), labels)
 
-    def masked_lm_loss(self, ids, mask, image_tokens, teacher_image_tokens):
+    def masked_lm_loss(self, ids, mask, image_tokens, teacher_image_tokens, generator):
         """MLM distilled from the momentum model; the vocabulary head runs on masked tokens only."""
         masked, labels = mask_tokens(ids, mask, self.special_ids, self.mask_id, self.vocab_size,
-                                     self.cfg.mlm_probability)
+                                     self.cfg.mlm_probability, generator)
         chosen = labels != -100  # (b, L)
         hidden = self.model.fuse(self.model.text_tokens(masked, mask), mask, image_tokens)[chosen]  # (M, W)
         logits = self.model.mlm_head(hidden).float()  # (M, vocab)
