@@ -31,7 +31,8 @@ def gather_rows(local: torch.Tensor, indices: torch.Tensor, total: int) -> torch
         sizes = gather_objects([(len(indices), tuple(local.shape[1:]))])
         rows, shape = max(sizes)
         padded = local.new_zeros((rows, *shape))
-        padded[: len(indices)] = local if len(indices) else padded[:0]  # a rank may own no rows
+        if len(indices):  # a rank may own no rows at all; it still joins the gather
+            padded[: len(indices)] = local
         padded_indices = torch.full((rows,), -1, dtype=torch.long, device=local.device)
         padded_indices[: len(indices)] = indices
         local, indices = all_gather_no_grad(padded), all_gather_no_grad(padded_indices)

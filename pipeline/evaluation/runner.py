@@ -98,6 +98,7 @@ def _model_slug(spec: str) -> str:
 def run(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
     """Evaluate ``encoder`` (default: loaded from ``cfg.checkpoint``) on every task; the results on every rank."""
     encoder = encoder or load_encoder(cfg.checkpoint, cfg.device)
+    encoder.model.eval()  # a model handed over mid-training must not run dropout or update BN statistics
     ctx = Context(encoder, EvalSet(cfg.dataset), cfg.device, cfg.precision, cfg.batch_size)
     identity = model_identity(cfg, encoder)
     dataset = cfg.dataset.tag or cfg.dataset.name
