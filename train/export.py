@@ -28,8 +28,11 @@ def load_objective(spec: str) -> tuple[torch.nn.Module, TrainConfig]:
     objective = OBJECTIVES.build(cfg.objective.name, cfg.objective, MODELS.build(cfg.model.name, cfg.model))
     state = parallel.consolidated_state_dict(folder, tag)
     # Non-persistent buffers are rebuilt by the constructor; every saved key must match exactly.
+    # Frozen parameters (momentum encoders) are not among the consolidated fp32 weights; the
+    # returned objective is for its online model, so they stay as built.
     missing, unexpected = objective.load_state_dict(state, strict=False)
-    persistent = set(objective.state_dict())
+    frozen = {name for name, p in objective.named_parameters() if not p.requires_grad}
+    persistent = set(objective.state_dict()) - frozen
     if unexpected or set(missing) & persistent:
         raise KeyError(f"checkpoint {folder}/{tag} does not match {cfg.model.name}: "
                        f"missing {sorted(set(missing) & persistent)}, unexpected {sorted(unexpected)}")
