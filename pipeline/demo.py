@@ -67,8 +67,8 @@ class DemoConfig:
 
 def layout(out: Path) -> dict[str, Path]:
     """Where each stage writes; ``{name}`` in a stage's overrides expands to these paths."""
-    names = {"urls": "urls.parquet", "raw": "raw", "seed_shards": "seed_shards", "seed_run": "runs/seed",
-             "shards": "shards", "run": "runs/clip", "eval": "eval", "report": "report", "done": "done"}
+    names = {"urls": "urls.parquet", "pool": "pool", "seed": "seed", "seed_run": "runs/seed", "run": "runs/clip",
+             "eval": "eval", "report": "report", "done": "done"}
     return {"out": out, **{name: out / rel for name, rel in names.items()}}
 
 
@@ -81,17 +81,26 @@ class Stage:
     module: str  # the command, run as `python -m module`
     args: Callable[[Paths], list[str]]  # its input/output arguments
     distributed: bool = False  # launched with torchrun on `ranks` processes
+    before: Callable[[Paths], None] = lambda paths: None
 
 
-def _curate_args(source: str, target: str) -> Callable[[Paths], list[str]]:
-    return lambda p: ["--input", str(p[source]), "--output", str(p[target])]
+def _share_download(paths: Paths) -> None:
+    """The seed subset is curated from the pool's downloaded shards: link them, fetch nothing twice."""
+    for part in ("input", "download"):
+        link = paths["seed"] / part
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(paths["pool"] / part, target_is_directory=True)
 
 
+_CURATION = "basic,decontaminate,clip_score,dedupe,reshard"
 STAGES = (
-    Stage("download", "pipeline.download", _curate_args("urls", "raw")),
-    Stage("seed_curate", "pipeline.build_shards", _curate_args("raw", "seed_shards")),
+    Stage("download", "pipeline.build_shards",
+          lambda p: ["--input", str(p["urls"]), "--output", str(p["pool"]), "--stages", "prepare,download"]),
+    Stage("seed_curate", "pipeline.build_shards", lambda p: ["--output", str(p["seed"]), "--stages", "basic,reshard"],
+          before=_share_download),
     Stage("seed_train", "train.main", lambda p: [], distributed=True),
-    Stage("curate", "pipeline.build_shards", _curate_args("raw", "shards")),
+    Stage("curate", "pipeline.build_shards", lambda p: ["--output", str(p["pool"]), "--stages", _CURATION]),
     Stage("train", "train.main", lambda p: [], distributed=True),
     Stage("evaluate", "pipeline.evaluate", lambda p: ["--checkpoint", str(p["run"]), "--output", str(p["eval"])]),
 )
@@ -122,6 +131,7 @@ def run_stage(stage: Stage, cfg: DemoConfig, paths: Paths) -> float | None:
     if not built(stage):
         log.warning("%s: not built yet (no module %s)", stage.name, stage.module)
         return None
+    stage.before(paths)
     argv = command(stage, cfg, paths)
     log.info("%s: %s", stage.name, " ".join(argv))
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads_per_rank), "GLOO_SOCKET_IFNAME": "lo"}

@@ -10,7 +10,8 @@ curation against the embedded pool's planted ground truth, and writes ``report/`
 - the evaluation's plots (confusion matrix, loss and temperature curves), copied;
 - ``summary.json``: every number above.
 
-Curation quality joins the manifest to the pool on the ``id`` column the URL list carries.
+Curation quality joins the manifest (``dropped_by``, ``reason`` per input row) to the pool on
+the ``id`` column the URL list carries.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from pipeline.io import read_json, write_json  # noqa: E402
 from pipeline.log import get_logger  # noqa: E402
 
 log = get_logger(__name__)
-DUPLICATE_FAULTS = ("exact_dup", "near_dup")
+# The order rows meet the steps in (build_shards: prepare, download, then the configured steps).
+STEP_ORDER = ("prepare", "download", "basic", "decontaminate", "clip_score", "dedupe")
+
+
+def _reached(step: pd.Series, target: str) -> pd.Series:
+    """Rows not dropped by any step before ``target``."""
+    return ~step.isin(STEP_ORDER[: STEP_ORDER.index(target)])
 
 
 # ---------------------------------------------------------------------------- curation quality
@@ -69,8 +76,8 @@ def curation_quality(manifest: pd.DataFrame, pool: pd.DataFrame) -> dict:
     rows["step"] = rows["step"].fillna("")
     rows["removed"] = rows["step"] != ""
     rows["removed_by_dedupe"] = rows["step"] == "dedupe"
-    rows["reached_dedupe"] = ~rows["step"].isin(["download", "basic", "clip_score"])
-    clip_reached = ~rows["step"].isin(["download", "basic"])
+    rows["reached_dedupe"] = _reached(rows["step"], "dedupe")
+    clip_reached = _reached(rows["step"], "clip_score")
     mismatch = _precision_recall((rows["step"] == "clip_score")[clip_reached], (rows["fault"] == "mismatch")[clip_reached])
     per_fault = {}
     for fault, part in rows.groupby(rows["fault"].replace("", "clean")):
@@ -80,23 +87,25 @@ def curation_quality(manifest: pd.DataFrame, pool: pd.DataFrame) -> dict:
     return {"mismatch": mismatch, "duplicates": duplicate_quality(rows), "per_fault": per_fault}
 
 
-def load_manifest(shards_dir: Path) -> pd.DataFrame:
-    return pd.read_parquet(shards_dir / "manifest.parquet")
+def load_manifest(build_dir: Path) -> pd.DataFrame:
+    """``id, step, reason`` per input row (``step`` is "" for kept rows) from build_shards' manifest."""
+    manifest = pd.read_parquet(build_dir / "manifest.parquet", columns=["id", "dropped_by", "reason"])
+    return manifest.rename(columns={"dropped_by": "step"})
 
 
 # ---------------------------------------------------------------------------- plots
 
 
 def plot_funnel(stats: dict, path: Path) -> None:
-    """Samples left after each step, and what each step dropped by reason."""
-    steps = list(stats["steps"])
-    kept = [stats["steps"][s]["kept"] for s in steps]
-    reasons = [(f"{s}: {r}", n) for s in steps for r, n in stats["steps"][s].get("dropped", {}).items() if n]
+    """Samples left after each step, and what each step dropped by reason (build_shards' stats.json)."""
+    steps = [s for s in STEP_ORDER if s in stats["dropped"]]
+    left_after = np.cumsum([stats["input_rows"]] + [-sum(stats["dropped"][s].values()) for s in steps])
+    reasons = [(f"{s}: {r}", n) for s in steps for r, n in stats["dropped"][s].items() if n]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.35 * max(len(reasons), 8) + 1.5))
-    left.bar(["input", *steps], [stats["input"], *kept], color="tab:blue")
+    left.bar(["input", *steps], left_after, color="tab:blue")
     left.set_ylabel("samples")
     left.set_title("curation funnel")
-    for x, value in enumerate([stats["input"], *kept]):
+    for x, value in enumerate(left_after):
         left.annotate(str(value), (x, value), ha="center", va="bottom", fontsize=8)
     right.barh([r for r, _ in reasons][::-1], [n for _, n in reasons][::-1], color="tab:red")
     right.set_xscale("log")
@@ -155,6 +164,12 @@ def _markdown(timings: dict, numbers: dict, goal_rows: list, not_built: list[str
         lines += ["", f"Not built yet: {', '.join(not_built)}."]
     lines += ["", "## Stages", "", "| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {name} | {'not run' if s is None else f'{s:.0f}'} |" for name, s in timings.items()]
+    if "stats" in numbers:
+        dropped = numbers["stats"]["dropped"]
+        lines += ["", "## Curation funnel", "", f"{numbers['stats']['input_rows']} input rows, "
+                  f"{numbers['stats']['kept']} kept in {numbers['stats']['shards']} shards.", "",
+                  "| step | reason | dropped |", "|---|---|---|"]
+        lines += [f"| {s} | {r} | {n} |" for s in STEP_ORDER if s in dropped for r, n in dropped[s].items()]
     if "per_fault" in numbers:
         lines += ["", "## Curation against the planted faults", "",
                   "| planted fault | rows | removed | fraction | removed by (step: reason) |", "|---|---|---|---|---|"]
@@ -170,13 +185,14 @@ def write_report(paths: dict[str, Path], goals, timings: dict[str, float | None]
     out = paths["report"]
     out.mkdir(parents=True, exist_ok=True)
     numbers, figures = {}, []
-    if (paths["shards"] / "manifest.parquet").exists():
-        manifest = load_manifest(paths["shards"])
+    if (paths["pool"] / "manifest.parquet").exists():
+        manifest = load_manifest(paths["pool"])
         numbers.update(curation_quality(manifest, load_pool().to_pandas()))
         plot_fault_recall(numbers["per_fault"], out / "curation_quality.png")
         figures.append("curation_quality.png")
-    if (paths["shards"] / "stats.json").exists():
-        plot_funnel(read_json(str(paths["shards"] / "stats.json")), out / "funnel.png")
+    if (paths["pool"] / "stats.json").exists():
+        numbers["stats"] = read_json(str(paths["pool"] / "stats.json"))
+        plot_funnel(numbers["stats"], out / "funnel.png")
         figures.insert(0, "funnel.png")
     numbers["zeroshot"] = _zeroshot(paths["eval"])
     for png in sorted(paths["eval"].rglob("*.png")) if paths["eval"].exists() else ():
