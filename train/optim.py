@@ -1,4 +1,5 @@
-"""AdamW with two parameter groups, and the learning rate as a pure function of the step.
+"""The optimizer by name (``optim.name``: adamw, sgd, lars) over two parameter groups, and the
+learning rate as a pure function of the step.
 
 Weight decay applies to matrices and convolution kernels only: biases, norms, embeddings'
 scalars and the temperature (ndim < 2) and whatever the objective lists in
