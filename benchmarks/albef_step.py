@@ -7,7 +7,7 @@ head over every token of student and teacher. Ours: vectorised Gumbel-max draw, 
 on the masked tokens only. Each side runs in its own fresh process (peak memory is per process);
 both run forward, backward and an AdamW step.
 
-    python -m benchmarks.albef_step [--model albef_minilm] [--batch 32] [--steps 10] [--device cpu]
+    python -m benchmarks.albef_step [--model albef_tiny] [--batch 16] [--steps 10] [--device cpu]
 
 Prints one JSON object: per side the median step time and the peak memory above the process's
 memory after building the model (RSS on CPU, allocator peak on CUDA), and the ratios.
@@ -129,8 +129,8 @@ def measure(side: str, args: argparse.Namespace, results) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="albef_minilm")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--model", default="albef_tiny")
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--queue", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
