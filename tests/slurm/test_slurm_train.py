@@ -45,13 +45,13 @@ def test_train_on_two_nodes_then_chained_eval(slurm_cluster, job_env, tmp_path):
     train = slurm_cluster.sbatch(
         REPO / "slurm" / "train_clip.sh", "configs/clip/tiny.yaml", f"data.path={shards}", "run.steps=4",
         "run.ckpt_every=0", "schedule.warmup_steps=1", "data.batch_size=16", "data.workers=1", "log.tensorboard=false",
-        options=("--nodes=2", "--ntasks-per-node=1"), env=env, cwd=REPO, timeout=240,
+        options=("--nodes=2", "--ntasks-per-node=1"), env=env, cwd=REPO, timeout=600,
     ).check()
     assert "nodes=2 x procs=1 (cpu) world=2 master=127.0.0.1" in train.output
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps and steps[-1] == 4
     eval_job = int(re.search(r"submitted zero-shot evaluation: job (\d+)", train.output).group(1))
-    state = slurm_cluster.wait_job(eval_job, timeout=240)
+    state = slurm_cluster.wait_job(eval_job, timeout=600)
     eval_log = (tmp_path / f"eval-{eval_job}.out").read_text()
     assert state in ("COMPLETED", "PURGED"), eval_log[-4000:]
     results = list((run_dir / "eval").glob("*zeroshot_classification.json"))
