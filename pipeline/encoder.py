@@ -71,7 +71,9 @@ def _load_open_clip(spec: str, device: str) -> Encoder:
     if name.endswith(".json"):  # an architecture of one's own: open_clip:path/to/NAME.json[:WEIGHTS]
         open_clip.add_model_config(name)
         name = name.rsplit("/", 1)[-1].removesuffix(".json")
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random init (no weights offline) must be the same model in every process / array task
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
     tokenizer = open_clip.get_tokenizer(name)
 
     def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
