@@ -1,0 +1,161 @@
+"""The data stage end to end: img2dataset against the embedded pool served on 127.0.0.1.
+
+A subset keeps it short: every planted fault, the rows the copies point to, and clean rows.
+The uninterrupted build runs through the CLI in a subprocess; so does the killed-and-resumed one.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline import build_shards, config
+from pipeline.embedded import load_pool
+from pipeline.serve import serve_pool
+
+pytestmark = pytest.mark.slow
+CLEAN_ROWS = 150
+OVERRIDES = [
+    "input.part_size=150", "download.processes=1", "download.threads=16", "download.timeout=5",
+    "clip_score.fraction=null", "clip_score.threshold=-1.0", "clip_score.workers=0",  # score only: dedupe sees every copy
+    "dedupe.levels=[rows,exact,pixel]", "reshard.target_shard_size=100", "log_level=WARNING",
+]
+# planted fault -> (step, reason) it must be counted under
+EXPECTED = {
+    "http_404": ("download", "http_404"), "http_500": ("download", "http_500"), "noai": ("download", "noai"),
+    "not_image": ("basic", "not_image"), "truncated": ("basic", "truncated"),
+    "decompression_bomb": ("basic", "decompression_bomb"), "empty_caption": ("basic", "empty_caption"),
+    "whitespace_caption": ("basic", "whitespace_caption"), "long_caption": ("basic", "long_caption"),
+    "eval_copy": ("decontaminate", "eval_copy"), "duplicate_row": ("dedupe", "duplicate_row"),
+    "exact_dup": ("dedupe", "exact_dup"), "near_dup": ("dedupe", "near_dup"),
+}
+
+
+def subset(pool):
+    faulty = pc.is_in(pool["fault"], pc.array(list(EXPECTED)))
+    originals = pc.is_in(pool["id"], pool.filter(faulty)["dup_of"])
+    clean = np.flatnonzero(pool["fault"].to_numpy(zero_copy_only=False) == "")[::60][:CLEAN_ROWS]
+    keep = np.asarray(pc.or_(faulty, originals)).copy()
+    keep[clean] = True
+    return pool.filter(keep)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    pool = subset(load_pool(with_content=True))
+    with serve_pool(pool=pool, max_seconds=600) as server:
+        urls = server.write_url_list(tmp_path_factory.mktemp("list") / "urls.parquet")
+        yield pool.drop_columns(["content"]), urls
+
+
+def build_command(urls, out):
+    return [sys.executable, "-m", "pipeline.build_shards", "--input", str(urls), "--output", str(out), *OVERRIDES]
+
+
+@pytest.fixture(scope="module")
+def built(served, tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "out"
+    subprocess.run(build_command(served[1], out), check=True, timeout=300, stdout=subprocess.DEVNULL)
+    return out
+
+
+def test_every_planted_fault_is_counted_under_its_reason(served, built):
+    pool, _ = served
+    stats = json.loads((built / "stats.json").read_text())
+    manifest = pq.read_table(built / "manifest.parquet").to_pandas().set_index("id")
+    truth = pool.to_pandas().set_index("id")
+    assert stats["input_rows"] == len(manifest) == len(truth) and manifest["row"].is_unique
+    for fault, (step, reason) in EXPECTED.items():
+        rows = manifest.loc[truth.index[truth.fault == fault]]
+        counted = ((rows.dropped_by == step) & (rows.reason == reason)).sum()
+        floor = 0.85 if fault == "near_dup" else 1.0  # see test_dedupe_accuracy for the near-dup recall
+        assert counted >= floor * len(rows), (fault, rows[["dropped_by", "reason"]].value_counts())
+        assert stats["dropped"][step][reason] >= counted
+    assert (manifest.loc[truth.index[truth.fault == ""], "shard"] >= 0).all()  # no clean row lost
+    kept = manifest[manifest.shard >= 0]
+    assert (kept.reason == "").all() and (manifest[manifest.shard < 0].reason != "").all()
+
+
+def test_shards_read_by_webdataset_and_match_sizes(built):
+    sizes = json.loads((built / "sizes.json").read_text())
+    manifest = pq.read_table(built / "manifest.parquet").to_pandas()
+    for name, size in sizes.items():
+        samples = list(wds.WebDataset(str(built / name), shardshuffle=False).decode("pil"))
+        assert len(samples) == size > 0
+        assert all({"jpg", "txt", "json"} <= set(s) or {"png", "txt", "json"} <= set(s) for s in samples)
+        index = int(name.split("/")[-1].split(".")[0])
+        assert sorted(s["__key__"] for s in samples) == sorted(manifest.uid[manifest.shard == index])
+
+
+def tar_contents(out):
+    return {p.name: [(m.name, tarfile.open(p).extractfile(m).read()) for m in tarfile.open(p)] for p in sorted((out / "shards").glob("*.tar"))}
+
+
+def test_killed_build_resumes_to_an_identical_output(served, built, tmp_path):
+    out = tmp_path / "out"
+    command = build_command(served[1], out)
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / "download" / "000000_stats.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the build ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)  # the build and img2dataset's workers, mid-download
+    process.wait()
+    assert not (out / "stats.json").exists()
+    subprocess.run(command, check=True, timeout=300, stdout=subprocess.DEVNULL)
+    assert tar_contents(out) == tar_contents(built)
+    assert (out / "sizes.json").read_bytes() == (built / "sizes.json").read_bytes()
+
+
+class SlowThenImage(BaseHTTPRequestHandler):
+    """/slow sleeps past the download timeout; anything else is a real image."""
+
+    image = None
+
+    def do_GET(self):  # noqa: N802
+        if self.path == "/slow":
+            time.sleep(4)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(self.image)))
+        self.end_headers()
+        self.wfile.write(self.image)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_timeouts_and_refused_connections_are_counted_skips(tmp_path):
+    pool = load_pool(with_content=True)
+    SlowThenImage.image = pool.filter(pc.equal(pool["fault"], ""))["content"][0].as_py()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowThenImage)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        (tmp_path / "urls.jsonl").write_text("".join(json.dumps({"url": u, "caption": "a t-shirt"}) + "\n" for u in
+                                                    (f"{base}/slow", f"http://127.0.0.1:{refused_port}/x.jpg", f"{base}/ok.jpg")))
+        cfg = config.load(build_shards.BuildConfig, config.CONFIG_ROOT / "data" / "default.yaml",
+                          ["download.timeout=1", "download.processes=1", "download.threads=4", "steps=[]",
+                           "reshard.workers_per_gpu=1"])
+        stats = build_shards.run(cfg, str(tmp_path / "out"), str(tmp_path / "urls.jsonl"))
+    finally:
+        server.shutdown()
+    assert stats["kept"] == 1
+    assert stats["dropped"] == {"download": {"timeout": 1, "connection_refused": 1}}
