@@ -11,8 +11,10 @@ input parts) and the moves into its layout, which is what the ratio measures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -65,6 +67,20 @@ def timed(fn, urls: str, args) -> dict:
     return {"seconds": round(seconds, 2), "successes": ok, "samples_per_s": round(ok / seconds, 1)}
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """img2dataset prints progress on stdout (its worker processes too): keep stdout for the JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4000)
@@ -77,7 +93,7 @@ def main() -> None:
     pool = load_pool(with_content=True)
     clean = pool.filter(pc.and_(pc.equal(pool["fault"], ""), pc.equal(pool["http"], "ok")))
     runs = {"img2dataset": [], "ours": []}
-    with serve_pool(pool=clean) as server, tempfile.TemporaryDirectory() as tmp:
+    with serve_pool(pool=clean) as server, tempfile.TemporaryDirectory() as tmp, stdout_to_stderr():
         urls = url_list(server, args.rows, f"{tmp}/urls.parquet")
         for _ in range(args.repeats):
             runs["img2dataset"].append(timed(run_plain, urls, args))
