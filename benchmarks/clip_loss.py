@@ -7,6 +7,7 @@ Implementations alternate within one process pair, so machine load hits all alik
 
     python -m benchmarks.clip_loss                         # 1024 4096 8192 32768 (open_clip up to 8192)
     python -m benchmarks.clip_loss --sizes 1024 4096       # quick
+    python -m benchmarks.clip_loss --sizes 32768 --impls ours_chunked --repeats 1   # dense forms need > 16 GiB
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def measure(loss_fn, batch: int, rank: int) -> dict:
 def worker(rank: int, world: int, port: int, args, out: dict) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    impls = implementations(rank, world, args.chunk)
+    impls = {name: fn for name, fn in implementations(rank, world, args.chunk).items() if name in args.impls}
     results = []
     for batch in args.sizes:
         runs = {}
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--impls", nargs="+", default=["open_clip", "ours_dense", "ours_chunked"])
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

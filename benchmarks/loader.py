@@ -1,11 +1,15 @@
 """Training data pipeline throughput: ours vs open_clip_train's get_wds_dataset, same shards.
 
 Both decode, RandomResizedCrop(224, scale 0.9-1) + normalise and tokenize with CLIP BPE, with
-2 DataLoader workers, batch 64. The shards hold 2048 JPEGs of about 512 px made from the
+2 DataLoader workers, batch 64. The shards hold 2048 JPEGs of 640 x 480 px made from the
 embedded photos (random crops, resized), i.e. larger than the crop, as web images are.
 Runs alternate (peer, ours, ...) and the best of ``--repeats`` counts.
 
-    python -m benchmarks.loader [--samples 2048] [--repeats 2] [--no-draft]
+    pip install --no-deps --target /tmp/wds086 webdataset==0.2.86   # the version open_clip pins
+    python -m benchmarks.loader --peer-pythonpath /tmp/wds086 [--samples 2048] [--repeats 2] [--no-draft]
+
+Each run is a child process (open_clip's with ``--peer-pythonpath`` first on PYTHONPATH, since
+its ``group_by_keys_nothrow`` predates the end-of-shard markers of webdataset 0.2.100+).
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +33,7 @@ from PIL import Image
 BATCH, WORKERS, SHARDS = 64, 2, 16
 
 
-def make_shards(out: Path, samples: int, size: int = 512) -> Path:
+def make_shards(out: Path, samples: int, size: int = 640) -> Path:
     from pipeline.embedded import load_pool
 
     pool = load_pool(with_content=True).to_pandas()
@@ -83,19 +90,35 @@ def throughput(make) -> float:
     return (count - 1) * BATCH / (time.perf_counter() - start)
 
 
+def run_child(pipeline: str, root: Path, args, pythonpath: str = "") -> float:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (pythonpath, os.getcwd()) if p)}
+    cmd = [sys.executable, "-m", "benchmarks.loader", "--child", pipeline, "--root", str(root),
+           "--samples", str(args.samples)] + (["--no-draft"] if args.no_draft else [])
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (no PIL draft mode)")
+    parser.add_argument("--peer-pythonpath", default="", help="a directory holding webdataset 0.2.86 for open_clip")
+    parser.add_argument("--child", choices=["ours", "open_clip"], help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.child:  # one measurement, printed as a number
+        make = {"ours": lambda: ours(Path(args.root), args.samples, draft=not args.no_draft),
+                "open_clip": lambda: open_clip_pipeline(Path(args.root), args.samples)}[args.child]
+        print(throughput(make))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = make_shards(Path(tmp), args.samples)
         runs = {"open_clip": [], "ours": []}
         for _ in range(args.repeats):
-            runs["open_clip"].append(throughput(lambda: open_clip_pipeline(root, args.samples)))
-            runs["ours"].append(throughput(lambda: ours(root, args.samples, draft=not args.no_draft)))
+            runs["open_clip"].append(run_child("open_clip", root, args, args.peer_pythonpath))
+            runs["ours"].append(run_child("ours", root, args))
     best = {name: max(values) for name, values in runs.items()}
     print(json.dumps({"benchmark": "loader", "workers": WORKERS, "batch": BATCH, "samples": args.samples,
                       "draft": not args.no_draft, "samples_per_s": best, "runs": runs,

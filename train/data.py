@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import torch
 import webdataset as wds
 from PIL import Image
+from torchvision.transforms import RandomResizedCrop as RandomResizedCropParams
 from torchvision.transforms import v2 as T
 
 from pipeline.io import exists, read_json
@@ -57,9 +58,22 @@ def _interpolation(contract: DataContract) -> T.InterpolationMode:
     return T.InterpolationMode(contract.interpolation)
 
 
+class RandomResizedCrop:
+    """torchvision's RandomResizedCrop as one PIL resize from a source box (no cropped copy)."""
+
+    def __init__(self, size: int, scale: tuple[float, float], interpolation: str):
+        self.size, self.scale = size, scale
+        self.resample = getattr(Image.Resampling, interpolation.upper())
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        top, left, height, width = RandomResizedCropParams.get_params(image, list(self.scale), [3 / 4, 4 / 3])
+        box = (left, top, left + width, top + height)
+        return image.resize((self.size, self.size), self.resample, box=box)
+
+
 @TRANSFORMS.register("clip_train")
 def clip_train(cfg: DataConfig, contract: DataContract) -> Callable[[Image.Image], dict]:
-    crop = T.RandomResizedCrop(contract.image_size, scale=cfg.crop_scale, interpolation=_interpolation(contract))
+    crop = RandomResizedCrop(contract.image_size, cfg.crop_scale, contract.interpolation)
     transform = T.Compose([crop, *_normalize(contract)])
     return lambda image: {"image": transform(image)}
 

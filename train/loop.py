@@ -91,9 +91,9 @@ class Trainer:
             self.step = step + 1
             last = self.step == self.total_steps
             self.metrics.update(out, self.global_batch // self.dist.world, data_wait)
-            self.checkpointer.maybe_save(self.engine, self.step, last, self.state_dict())
-            if self.metrics.should_log(self.step, last):
+            if self.metrics.should_log(self.step, last):  # before the checkpoint, so a resume never lacks a record
                 self.metrics.log(self.step, self.loader.epoch, lr, self.loader.skipped())
+            self.checkpointer.maybe_save(self.engine, self.step, last, self.state_dict())
 
     def train_step(self, batches, step: int) -> tuple[dict[str, torch.Tensor], float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns detached terms and data wait."""

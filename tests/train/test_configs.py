@@ -56,3 +56,19 @@ def test_tiny_clip_variants_forward_and_backward(name):
     assert image.shape == text.shape == (2, cfg.embed_dim)
     (image.sum() + text.sum()).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_activation_checkpointing_keeps_the_gradients():
+    cfg = MODELS.get("clip_tiny").Config()
+    ids = torch.randint(1, 1000, (2, cfg.context_length))
+    images = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = MODELS.build("clip_tiny", cfg)
+        model.set_grad_checkpointing(checkpointing)
+        image, text = model(images, ids, torch.ones_like(ids))
+        (image * text).sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain)

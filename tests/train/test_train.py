@@ -18,12 +18,14 @@ from PIL import Image
 from pipeline.encoder import load_encoder
 
 pytestmark = pytest.mark.slow
-STEPS = 16
+STEPS = 12
 
 
 def _args(shards, run_dir, stage, *extra):
+    # ZeRO-2 (also the kill/resume reference) reads with 2 DataLoader workers, the others in-process.
+    workers = 2 if stage == 2 else 0
     return ["-m", "train.main", "--config", "configs/clip/tiny.yaml", f"data.path={shards}", f"run.run_dir={run_dir}",
-            f"run.steps={STEPS}", "run.log_every=1", "run.ckpt_every=6", "data.workers=2", "data.batch_size=32",
+            f"run.steps={STEPS}", "run.log_every=1", "run.ckpt_every=4", f"data.workers={workers}", "data.batch_size=32",
             "schedule.warmup_steps=2", "optim.lr=2e-3", f"parallel=deepspeed/zero{stage}.yaml", *extra]
 
 
@@ -40,7 +42,7 @@ def runs(fmnist_shards, tmp_path_factory, torchrun):
     def get(stage):
         if stage not in done:
             run_dir = tmp_path_factory.mktemp(f"zero{stage}")
-            proc = torchrun(_args(fmnist_shards, run_dir, stage))
+            proc = torchrun(_args(fmnist_shards, run_dir, stage), timeout=600)
             assert proc.returncode == 0, proc.stderr[-4000:]
             done[stage] = run_dir
         return done[stage]
@@ -69,7 +71,7 @@ def test_zero3_checkpoint_exports_an_encoder(runs):
 
 def _kill_one_rank_after(run_dir, proc, tag):
     latest = run_dir / "checkpoints" / "latest"
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not (latest.exists() and latest.read_text() == tag):
         assert proc.poll() is None and time.time() < deadline, "the run ended before the first checkpoint"
         time.sleep(0.02)
@@ -81,12 +83,12 @@ def test_kill_one_rank_then_resume_matches_the_uninterrupted_curve(runs, fmnist_
                                                                    torchrun_popen):
     reference = _losses(runs(2))
     proc = torchrun_popen(_args(fmnist_shards, tmp_path, 2))
-    _kill_one_rank_after(tmp_path, proc, "step_0000006")
-    _, stderr = proc.communicate(timeout=120)
+    _kill_one_rank_after(tmp_path, proc, "step_0000004")
+    _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0, "the killed run must fail"
     killed_at = max(_losses(tmp_path))
     assert killed_at < STEPS, "the kill came too late to test anything"
 
-    resumed = torchrun(_args(fmnist_shards, tmp_path, 2, "run.resume=latest"))
+    resumed = torchrun(_args(fmnist_shards, tmp_path, 2, "run.resume=latest"), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert _losses(tmp_path) == reference  # bitwise, step for step
