@@ -23,8 +23,8 @@ BEGIN, END = "<!-- section:config-reference -->", "<!-- /section:config-referenc
 
 # command -> "module:Schema" of its root config.
 SCHEMAS = {
-    "python -m pipeline.download": "pipeline.download:DownloadConfig",
-    "python -m pipeline.build_shards": "pipeline.build_shards:BuildShardsConfig",
+    "python -m pipeline.download": "pipeline.download:DownloadCommand",
+    "python -m pipeline.build_shards": "pipeline.build_shards:BuildConfig",
     "torchrun -m train.main": "train.config:TrainConfig",
     "python -m pipeline.evaluate": "pipeline.evaluation:EvalConfig",
     "python -m pipeline.demo": "pipeline.demo:DemoConfig",
