@@ -50,11 +50,11 @@ source "${VLPIPE_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}/slurm/common.sh"
 absolute() { [[ -z "$1" || "$1" == /* || "$1" == *://* ]] && echo "$1" || echo "$PWD/$1"; }
 OUTPUT="$(absolute "${OUTPUT:?set OUTPUT to the output folder}")"
 INPUT="$(absolute "${INPUT:-}")"
+CONFIG="${1:-configs/data/default.yaml}"  # a file next to the submitter, else under the repository or configs/
+[[ -f "$CONFIG" ]] && CONFIG="$(absolute "$CONFIG")"
+shift $(($# > 0 ? 1 : 0))
 export OUTPUT INPUT
 cd "$VLPIPE_ROOT"
-
-CONFIG="${1:-configs/data/default.yaml}"
-shift $(($# > 0 ? 1 : 0))
 BUILD=("$PYTHON" -m pipeline.build_shards --output "$OUTPUT" --config "$CONFIG")
 
 # "SHARD_STAGES DATASET_STAGE" per chain link: the shard phases one array runs, then the step whose
@@ -81,8 +81,9 @@ EOF
 
 submit() {  # submit this script for one phase after job $1 ("" = none); prints the job id
     local after="$1" phase="$2" stages="$3"; shift 3
-    BUILD_PHASE="$phase" BUILD_STAGES="$stages" sbatch --parsable ${PARTITION:+--partition="$PARTITION"} \
-        ${after:+--dependency="afterok:$after"} --job-name="build-$phase-${stages//,/+}" "$@" "$VLPIPE_ROOT/slurm/build_shards.sh" "$CONFIG" "${OVERRIDES[@]}"
+    BUILD_PHASE="$phase" BUILD_STAGES="$stages" sbatch --parsable --export=ALL ${PARTITION:+--partition="$PARTITION"} \
+        ${after:+--dependency="afterok:$after"} --job-name="build-$phase-${stages//,/+}" "$@" \
+        "$VLPIPE_ROOT/slurm/build_shards.sh" "$CONFIG" "${OVERRIDES[@]}"
 }
 
 OVERRIDES=("$@")
