@@ -105,6 +105,7 @@ def plot_funnel(stats: dict, path: Path) -> None:
     left.bar(["input", *steps], left_after, color="tab:blue")
     left.set_ylabel("samples")
     left.set_title("curation funnel")
+    left.tick_params(axis="x", labelrotation=30)
     for x, value in enumerate(left_after):
         left.annotate(str(value), (x, value), ha="center", va="bottom", fontsize=8)
     right.barh([r for r, _ in reasons][::-1], [n for _, n in reasons][::-1], color="tab:red")
@@ -143,7 +144,8 @@ def check_goals(goals, numbers: dict) -> list[tuple[str, str, str, bool | None]]
     """(goal, target, measured, met) rows; met is None where the number does not exist yet."""
 
     def row(name, target, value, ok):
-        return (name, target, "not measured" if value is None else f"{value:.3f}", None if value is None else ok(value))
+        measured = "not measured" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+        return (name, target, measured, None if value is None else ok(value))
 
     mm, dup, zs = numbers.get("mismatch"), numbers.get("duplicates"), numbers.get("zeroshot")
     get = lambda d, k: None if d is None else d[k]  # noqa: E731
