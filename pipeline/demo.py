@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pyarrow.parquet as pq
+
 from pipeline import config
 from pipeline.io import read_json, write_json
 from pipeline.log import get_logger, setup_logging
@@ -67,7 +69,7 @@ class DemoConfig:
 
 def layout(out: Path) -> dict[str, Path]:
     """Where each stage writes; ``{name}`` in a stage's overrides expands to these paths."""
-    names = {"urls": "urls.parquet", "pool": "pool", "seed": "seed", "seed_run": "runs/seed", "run": "runs/clip",
+    names = {"urls": "urls.parquet", "truth": "ground_truth.parquet", "pool": "pool", "seed": "seed", "seed_run": "runs/seed", "run": "runs/clip",
              "eval": "eval", "report": "report", "done": "done"}
     return {"out": out, **{name: out / rel for name, rel in names.items()}}
 
@@ -157,8 +159,11 @@ def run(cfg: DemoConfig, fresh: bool = False) -> dict:
     start = time.monotonic()
     with serve_pool() as server:
         # The server's port changes between runs; the URL list is rewritten every time, and
-        # stages that finished earlier do not read it again.
+        # stages that finished earlier do not read it again. The ground truth is kept from the
+        # run that downloaded, so the report scores curation against the pool actually served.
         server.write_url_list(paths["urls"])
+        if not (paths["done"] / "download.json").exists():
+            pq.write_table(server.pool, paths["truth"])
         for stage in STAGES:
             timings[stage.name] = run_stage(stage, cfg, paths)
             if timings[stage.name] is None:

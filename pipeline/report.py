@@ -26,7 +26,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.embedded import load_pool  # noqa: E402
 from pipeline.io import read_json, write_json  # noqa: E402
 from pipeline.log import get_logger  # noqa: E402
 
@@ -189,7 +188,7 @@ def write_report(paths: dict[str, Path], goals, timings: dict[str, float | None]
     numbers, figures = {}, []
     if (paths["pool"] / "manifest.parquet").exists():
         manifest = load_manifest(paths["pool"])
-        numbers.update(curation_quality(manifest, load_pool().to_pandas()))
+        numbers.update(curation_quality(manifest, pd.read_parquet(paths["truth"])))
         plot_fault_recall(numbers["per_fault"], out / "curation_quality.png")
         figures.append("curation_quality.png")
     if (paths["pool"] / "stats.json").exists():
