@@ -80,6 +80,8 @@ def test_duplicates_point_at_their_originals(rows, by_id):
             assert (r["path"], r["caption"]) == (original["path"], original["caption"]) and r["content"] is None
         else:
             assert r["dup_of"] == -1
+    position = {r["id"]: k for k, r in enumerate(rows)}
+    assert all(position[r["dup_of"]] < position[r["id"]] for r in rows if r["dup_of"] >= 0), "copies follow originals"
 
 
 def test_eval_copies_are_test_images():

@@ -242,8 +242,16 @@ def build_rows(source: Path, test_images: np.ndarray) -> list[dict]:
     for _ in range(FAULT_COUNTS["long_caption"]):
         row = fresh(fault="long_caption")
         row["caption"] = " ".join([row["caption"]] * 400)
-    # Shuffle so faults are spread over every download shard; ids stay as assigned.
-    return [rows[i] for i in rng.permutation(len(rows))]
+    # Shuffle so faults are spread over every download shard; ids stay as assigned. A planted copy
+    # is listed after its original, so "the first listed copy survives" keeps the original.
+    order = [rows[i] for i in rng.permutation(len(rows))]
+    position = {row["id"]: k for k, row in enumerate(order)}
+    for row in [r for r in order if r["dup_of"] >= 0]:
+        mine, theirs = position[row["id"]], position[row["dup_of"]]
+        if mine < theirs:
+            order[mine], order[theirs] = order[theirs], order[mine]
+            position[row["id"]], position[row["dup_of"]] = theirs, mine
+    return order
 
 
 SCHEMA = pa.schema([

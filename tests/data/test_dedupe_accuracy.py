@@ -57,9 +57,9 @@ def test_planted_duplicates_removed_and_no_distinct_image(pool):
         alive = alive[~dropped]
     recall, wrong = score_groups(pool.group.to_numpy(), removed)
     print(f"dedupe: recall {recall:.3f} over {(pool.dup_of >= 0).sum()} planted copies, {len(wrong)} distinct images removed")
-    # Measured 0.881: the goal is 0.95; the misses are 1-px shifts of 28-px items (RMS after
-    # alignment overlaps that of distinct look-alike items) and 85% crops of photos (left to the embedding level).
-    assert recall >= 0.85
+    # Measured 0.899: the goal is 0.95; the misses are 85% crops of photos (left to the
+    # embedding level) and copies whose pair the Fourier-descriptor kNN does not propose.
+    assert recall >= 0.89
     assert wrong == [], [(pool.id[i], pool.fault[i], pool.id[k], pool.fault[k]) for i, k in wrong]
     kept_first = [pool.id[k] <= pool.id[i] for i, k in removed.items()]
     assert all(kept_first)  # the first input row of a group survives
