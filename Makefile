@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test clean
 
 install: $(VENV)/.installed
 
@@ -19,9 +19,6 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(ARGS)
-
-bench: install
-	$(PY) -m benchmarks.run_all $(ARGS)
 
 clean:
 	rm -rf demo_out runs .pytest_cache
