@@ -1,7 +1,8 @@
 """Momentum (EMA) copies of online modules: ALBEF's momentum encoders and MoCo's key encoder.
 
 The copies are registered submodules (saved, loaded and partitioned with everything else)
-with ``requires_grad=False``, so they get no gradient and no optimizer state.
+with ``requires_grad=False``, so they get no gradient and no optimizer state. The update reads
+whole parameters, so ZeRO-3 (which partitions them) is refused at start-up by train/parallel.py.
 """
 
 from __future__ import annotations
@@ -10,12 +11,6 @@ import copy
 
 import torch
 from torch import nn
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    # Under ZeRO-3 a parameter's data lives in its partition ``ds_tensor``; online and momentum
-    # parameters of equal shape are partitioned alike, so the EMA runs shard by shard.
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
 
 
 class Momentum(nn.Module):
@@ -34,8 +29,8 @@ class Momentum(nn.Module):
         return self.copies[name]
 
     def pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        momentum = [_local(p) for m in self.copies.values() for p in m.parameters()]
-        online = [_local(p) for m in self._online for p in m.parameters()]
+        momentum = [p.data for m in self.copies.values() for p in m.parameters()]
+        online = [p.data for m in self._online for p in m.parameters()]
         return momentum, online
 
     @torch.no_grad()

@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.config import ConfigError
 from train.config import ParallelConfig, RunConfig
+from train.momentum import Momentum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +112,11 @@ def wrap(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, a
     """The DeepSpeed engine around ``module`` (the objective, which holds the model)."""
     import deepspeed
 
+    if ds_config["zero_optimization"]["stage"] == 3 and any(isinstance(m, Momentum) for m in module.modules()):
+        # An EMA copy reads whole online parameters every step; ZeRO-3 leaves each rank a partition
+        # (and keeps small "persistent" ones whole besides), so the update would be silently partial.
+        raise ConfigError("objectives with momentum encoders (ALBEF, MoCo) do not support ZeRO-3: "
+                          "use parallel=deepspeed/zero2.yaml (ZeRO-2 already partitions optimizer state and gradients)")
     if activation_checkpointing:
         module.model.set_grad_checkpointing(True)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
