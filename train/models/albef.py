@@ -12,9 +12,7 @@ Evaluation interface: ``encode_image``, ``encode_text`` (normalised ITC embeddin
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import importlib
 import os
 from typing import Any
@@ -26,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from train.contract import DataContract
 from train.models.clip import image_tower
-from train.registry import MODELS
+from train.registry import register_variants
 
 def local_model_dir(spec: str) -> str:
     """A local model directory, or ``pkg:MODULE`` for a pip-installed model package that exposes
@@ -283,20 +281,4 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _register(name: str, defaults: dict[str, Any]) -> None:
-    types = {f.name: f.type for f in dataclasses.fields(ALBEFConfig)}
-    fields = [("name", "str", dataclasses.field(default=name))]
-    for key, value in defaults.items():  # a factory, so no two configs share a mutable default
-        fields.append((key, types[key], dataclasses.field(default_factory=functools.partial(copy.deepcopy, value))))
-    config = dataclasses.make_dataclass(f"{name}_config", fields, bases=(ALBEFConfig,), kw_only=True)
-    config.__module__ = __name__
-
-    def build(cfg: ALBEFConfig) -> ALBEF:
-        return ALBEF(cfg)
-
-    build.Config = config
-    MODELS.register(name, build)
-
-
-for _name, _defaults in VARIANTS.items():
-    _register(_name, _defaults)
+register_variants(ALBEFConfig, ALBEF, VARIANTS)

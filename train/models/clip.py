@@ -7,9 +7,7 @@ The model returns features only; the temperature and the loss live in the object
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 from typing import Any
 
 import timm
@@ -19,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.registry import Registry
 from train.contract import DataContract
-from train.registry import MODELS
+from train.registry import register_variants
 
 TEXT_TOWERS: Registry = Registry("text tower")
 
@@ -156,20 +154,4 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _register(name: str, defaults: dict[str, Any]) -> None:
-    types = {f.name: f.type for f in dataclasses.fields(ClipConfig)}
-    fields = [("name", "str", dataclasses.field(default=name))]
-    for key, value in defaults.items():  # a factory, so no two configs share a mutable default
-        fields.append((key, types[key], dataclasses.field(default_factory=functools.partial(copy.deepcopy, value))))
-    config = dataclasses.make_dataclass(f"{name}_config", fields, bases=(ClipConfig,), kw_only=True)
-    config.__module__ = __name__
-
-    def build(cfg: ClipConfig) -> CLIP:
-        return CLIP(cfg)
-
-    build.Config = config
-    MODELS.register(name, build)
-
-
-for _name, _defaults in VARIANTS.items():
-    _register(_name, _defaults)
+register_variants(ClipConfig, CLIP, VARIANTS)
