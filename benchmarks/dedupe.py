@@ -9,10 +9,11 @@
    configs/data/default.yaml) over the embedded pool's clean rows and planted exact/near
    duplicates; recall = planted copies removed / planted, precision = planted among removed.
 
-The scale part uses configs/data/default.yaml's embedding settings except ``cluster_size``
-(``--cluster-size``, default 2000: the pool's 5000 suits 10k images, not 1M).
+The scale part uses configs/data/default.yaml's embedding settings except ``cluster_size`` and
+``probes`` (``--cluster-size`` 2000 and ``--probes`` 1 by default: SemDeDup's plain k-means; the
+pool's 5000 and 2 suit 10k images, not 1M).
 
-    python -m benchmarks.dedupe [--n 1000000] [--cluster-size 2000] [--threads 2] [--pool-rows 0] [--skip-pool]
+    python -m benchmarks.dedupe [--n 1000000] [--cluster-size 2000] [--probes 1] [--threads 2] [--pool-rows 0] [--skip-pool]
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--cluster-size", type=int, default=2000)
+    parser.add_argument("--probes", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pool-rows", type=int, default=0, help="0: every clean and planted-copy row")
     parser.add_argument("--skip-pool", action="store_true")
@@ -130,7 +132,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     cfg = config.load(BuildConfig, config.CONFIG_ROOT / "data" / "default.yaml").dedupe
-    at_scale = dataclasses.replace(cfg, embedding=dataclasses.replace(cfg.embedding, cluster_size=args.cluster_size))
+    at_scale = dataclasses.replace(cfg, embedding=dataclasses.replace(cfg.embedding, cluster_size=args.cluster_size, probes=args.probes))
     result = {"scale": scale(args.n, at_scale), "threads": args.threads, "embedding_config": config.to_dict(at_scale.embedding)}
     if not args.skip_pool:
         result["pool"] = pool_quality(cfg, args.pool_rows)

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import faiss
 import numpy as np
 import pyarrow as pa
+import torch
 
 from filter import STEPS, Step, decisions
 from filter.embedders import EMBEDDERS
@@ -42,6 +43,7 @@ class EmbeddingDedupeConfig:
     margin: float = 0.0  # and at least this much above both items' k-th neighbour similarity
     background_k: int = 10
     cluster_size: int = 2000  # SemDeDup: n / cluster_size k-means clusters (larger: better recall, quadratic cost)
+    probes: int = 1  # clusters each item joins (its nearest centroids): copies on a cluster boundary still meet
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -114,22 +116,27 @@ def _embedding(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
     if n_clusters > 1:
         kmeans = faiss.Kmeans(emb.shape[1], n_clusters, niter=20, seed=0, spherical=True)
         kmeans.train(emb)
-        cluster = kmeans.index.search(emb, 1)[1][:, 0]
+        cluster = kmeans.index.search(emb, min(c.probes, n_clusters))[1]  # (n, probes)
     else:
-        cluster = np.zeros(len(emb), np.int64)
-    pairs = [_cluster_pairs(np.flatnonzero(cluster == k), emb, c) for k in np.unique(cluster)]
+        cluster = np.zeros((len(emb), 1), np.int64)
+    item, cluster = np.repeat(np.arange(len(emb)), cluster.shape[1]), cluster.ravel()
+    order = np.argsort(cluster, kind="stable")
+    members = np.split(item[order], np.flatnonzero(np.diff(cluster[order])) + 1)
+    pairs = [_cluster_pairs(m, emb, c) for m in members]
     pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
     return groups(len(emb), pairs), "semantic_dup"
 
 
 def _cluster_pairs(members: np.ndarray, emb: np.ndarray, c: EmbeddingDedupeConfig) -> np.ndarray:
-    sim = emb[members] @ emb[members].T  # (m, m)
-    np.fill_diagonal(sim, -1.0)
+    x = torch.from_numpy(emb[members])
+    sim = x @ x.T  # (m, m)
+    sim.fill_diagonal_(-1.0)
+    a, b = torch.nonzero(torch.triu(sim >= c.threshold, diagonal=1), as_tuple=True)  # few: test the margin on these only
     if c.margin > 0 and len(members) > c.background_k:
-        background = -np.partition(-sim, c.background_k - 1, axis=1)[:, c.background_k - 1]  # k-th neighbour
-        sim = np.where(sim - np.maximum(background[:, None], background[None, :]) >= c.margin, sim, -1.0)
-    a, b = np.nonzero(np.triu(sim >= c.threshold, 1))
-    return np.stack([members[a], members[b]], 1)
+        background = sim.topk(c.background_k, dim=1).values[:, -1]  # each item's k-th neighbour similarity
+        keep = sim[a, b] - torch.maximum(background[a], background[b]) >= c.margin
+        a, b = a[keep], b[keep]
+    return np.stack([members[a.numpy()], members[b.numpy()]], 1)
 
 
 def normalize_caption(caption: str) -> str:

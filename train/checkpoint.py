@@ -88,11 +88,10 @@ class Checkpointer:
             fs.rm(f"{root}/{tag}", recursive=True)
 
     def load(self, engine, spec: str) -> dict:
-        """Restore the engine and return this rank's trainer state (RNG already restored)."""
+        """Restore the engine and return this rank's trainer state; its ``rng`` is for :func:`set_rng_state`."""
         folder, tag = resolve(spec)
         engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
         with fsspec.open(f"{folder}/{tag}/trainer_rank{self.rank}.pt", "rb") as f:
             state = torch.load(f, weights_only=False)
-        set_rng_state(state.pop("rng"))
         log.info("resumed from %s/%s at step %d", folder, tag, state["step"])
         return state

@@ -67,22 +67,27 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "data": self.loader.state_dict()}
 
-    def maybe_resume(self) -> None:
+    def maybe_resume(self) -> dict | None:
+        """Restore the latest or given checkpoint; returns its RNG state (None when starting fresh)."""
         spec = self.cfg.run.resume
         if spec == "latest":
             spec = self.checkpointer.folder
             if not checkpoint_exists(spec):
                 log.info("resume=latest: no checkpoint yet in %s, starting fresh", spec)
-                return
-        if spec:
-            state = self.checkpointer.load(self.engine, spec)
-            self.step = state["step"]
-            self.loader.load_state_dict(state["data"])
-            self.metrics.resume(self.step)
+                return None
+        if not spec:
+            return None
+        state = self.checkpointer.load(self.engine, spec)
+        self.step = state["step"]
+        self.loader.load_state_dict(state["data"])
+        self.metrics.resume(self.step)
+        return state["rng"]
 
     def train(self) -> None:
-        self.maybe_resume()
+        rng = self.maybe_resume()
         batches = iter(self.loader)
+        if rng is not None:  # after iter(): creating the iterator draws from torch's generator
+            checkpoint.set_rng_state(rng)
         for step in progress(range(self.step, self.total_steps), desc="train", initial=self.step,
                              total=self.total_steps):
             lr = optim.lr_at(step, self.total_steps, self.cfg.optim.lr, self.cfg.schedule)

@@ -77,6 +77,10 @@ def init_distributed(run: RunConfig, parallel: ParallelConfig) -> DistEnv:
         torch.cuda.set_device(env.device)
     import deepspeed
 
+    if run.device == "cpu":
+        # DeepSpeed's CPU backend compiles (gcc, on first use) and maps a shared-memory all-reduce
+        # that only its inference engine calls; training never does, so it is left unbuilt.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if run.device == "cuda" else "gloo", auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=parallel.timeout_min), verbose=False)
     return env
