@@ -21,8 +21,12 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
     proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--config", "demo/fast.yaml", f"output={out}"],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return out, proc.stdout, json.loads((out / "report" / "summary.json").read_text())["numbers"]
+    summary_path = out / "report" / "summary.json"
+    assert summary_path.exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
+    summary = json.loads(summary_path.read_text())
+    goals_met = all(met for *_, met in summary["goals"])
+    assert proc.returncode == (0 if goals_met else 1), proc.stderr[-6000:]  # the exit status says whether goals were met
+    return out, proc.stdout, summary["numbers"]
 
 
 def test_demo_writes_its_report(demo):
@@ -43,8 +47,8 @@ def test_no_distinct_image_dropped_and_eval_copies_removed(demo):
     assert numbers["per_fault"]["eval_copy"]["recall"] >= 0.9  # decontamination (whole-pool test: 0.95)
 
 
-@pytest.mark.xfail(strict=True, reason="open: the bootstrap scorer (~64% zero-shot) separates mismatched captions "
-                   "with recall/precision ~0.72/0.71 in the full demo; the goal is 0.8")
+@pytest.mark.xfail(strict=True, reason="open: the bootstrap scorer separates mismatched captions with "
+                   "recall/precision 0.77/0.76 in the full demo; the goal is 0.8")
 def test_mismatch_goal(demo):
     mismatch = demo[2]["mismatch"]
     assert mismatch["recall"] >= 0.8 and mismatch["precision"] >= 0.8

@@ -23,6 +23,7 @@ import hashlib
 import io
 import itertools
 import math
+import multiprocessing
 import random
 import tarfile
 import zlib
@@ -281,7 +282,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.transform = TRANSFORMS.build(cfg.transform, cfg, contract)
         self.tokenize = tokenizers.build(contract) if cfg.text else None  # once, before workers fork
         self.draft_size = math.ceil(contract.image_size / math.sqrt(cfg.crop_scale[0])) if cfg.draft else 0
-        self.epoch, self.resume = 0, {}
+        # Workers persist across epochs (forked once), so the epoch reaches them through shared
+        # memory; the resume state they were forked with applies to its own epoch only.
+        self._epoch = multiprocessing.RawValue("q", 0)
+        self.resume_epoch, self.resume = 0, {}
 
     def _check(self) -> None:
         streams = self.world * self.workers
@@ -293,17 +297,24 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise ValueError(f"{self.num_samples} samples per epoch give no batch of {self.cfg.batch_size} "
                              f"to each of {streams} streams")
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int, resume: dict[int, dict]) -> None:
         """Next epoch to iterate; ``resume`` maps stream -> {"position", "batches"} already consumed."""
-        self.epoch, self.resume = epoch, resume
+        self._epoch.value = epoch
+        if resume:
+            self.resume_epoch, self.resume = epoch, resume
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker = 0 if info is None else info.id
+        resume = self.resume if self.epoch == self.resume_epoch else {}
         # After a mid-epoch resume, the first fresh worker continues the stream whose turn it was.
-        offset = sum(state["batches"] for state in self.resume.values()) % self.workers
+        offset = sum(state["batches"] for state in resume.values()) % self.workers
         stream = (worker + offset) % self.workers
-        state = self.resume.get(stream, {"position": 0, "batches": 0, "skips": {}})
+        state = resume.get(stream, {"position": 0, "batches": 0, "skips": {}})
         return itertools.islice(self.pipeline(stream, state), self.batches_per_stream - state["batches"])
 
     def pipeline(self, worker: int, state: dict) -> wds.DataPipeline:
@@ -345,10 +356,14 @@ class TrainLoader:
         self.skips_before: collections.Counter = collections.Counter()  # from finished epochs
 
     def __iter__(self) -> Iterator[dict]:
+        self.dataset.set_epoch(self.epoch, dict(self.streams))  # before the workers fork
+        # One set of workers for every epoch: forking a threaded process (gloo, OpenMP) each epoch
+        # cost ~0.7 s per epoch, and is a suspect in an intermittent native crash of CPU ranks.
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers,
+                                             prefetch_factor=4 if self.cfg.workers else None,
+                                             persistent_workers=self.cfg.workers > 0)
         while True:
             self.dataset.set_epoch(self.epoch, dict(self.streams))
-            loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers,
-                                                 prefetch_factor=4 if self.cfg.workers else None)
             for item in loader:
                 stream = item.pop("__stream__")
                 self.streams[stream] = {"position": item.pop("__position__"), "skips": item.pop("__skips__"),
