@@ -18,40 +18,15 @@ import gc
 import json
 import os
 import socket
-import threading
 import time
 
-import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks.measure import PeakRSS
+
 DIM = 512
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled by a thread."""
-
-    def __enter__(self):
-        self.process, self.base, self.peak, self.running = psutil.Process(), 0, 0, True
-        self.base = self.peak = self.process.memory_info().rss
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    @property
-    def added_gib(self) -> float:
-        return (self.peak - self.base) / 2**30
 
 
 def implementations(rank: int, world: int, chunk: int) -> dict:

