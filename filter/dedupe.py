@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import re
 from typing import Callable, Iterator
 
@@ -22,10 +23,10 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import torch
+from PIL import Image
 
-from filter import STEPS, Step, decisions
+from filter import STEPS, Step, decisions, phash
 from filter.embedders import EMBEDDERS
-from filter import phash
 from filter.near_dup import PixelMatchConfig, groups, matching_pairs, thumbnail
 from pipeline.io import atomic_write
 from pipeline.log import get_logger
@@ -151,22 +152,28 @@ class Dedupe(Step):
     def shard(self, part: int, samples: Iterator[dict]) -> pa.Table:
         batch = list(samples)
         cfg, layout, name = self.cfg, self.context.layout, self.context.name
+        thumbs, hashes = [], []
+        for sample in batch:  # decoded once for every level that reads pixels
+            image = Image.open(io.BytesIO(sample["image"]))
+            if "pixel" in cfg.levels:
+                thumbs.append(thumbnail(image, cfg.pixel))
+            if "phash" in cfg.levels:
+                hashes.append(phash.phash(image, cfg.phash) or (None, None))
         if "pixel" in cfg.levels:
-            thumbs = np.stack([thumbnail(s["image"], cfg.pixel) for s in batch]) if batch else np.zeros((0, cfg.pixel.size, cfg.pixel.size), np.uint8)
-            _save(layout.step(name, part, ".thumbs.npy"), thumbs)
+            empty = np.zeros((0, cfg.pixel.size, cfg.pixel.size), np.uint8)
+            _save(layout.step(name, part, ".thumbs.npy"), np.stack(thumbs) if thumbs else empty)
         if "embedding" in cfg.levels:
             embedder = EMBEDDERS.build(cfg.embedding.embedder, layout, cfg.embedding.image_size)
             rows, emb = embedder.part(part, iter(batch))
             where = {r: i for i, r in enumerate(rows)}
             _save(layout.step(name, part, ".embed.npy"), emb[[where[s["row"]] for s in batch]] if batch else emb[:0])
-        hashes = {}
+        hash_columns = {}
         if "phash" in cfg.levels:
-            pairs = [phash.phash(s["image"], cfg.phash) or (None, None) for s in batch]
-            hashes = {key: pa.array([p[i] for p in pairs], pa.uint64()) for i, key in enumerate(("phash", "phash_mirror"))}
+            hash_columns = {key: pa.array([h[i] for h in hashes], pa.uint64()) for i, key in enumerate(("phash", "phash_mirror"))}
         return decisions(
             [s["row"] for s in batch], [""] * len(batch), uid=[s["uid"] for s in batch],
             sha256=[s["meta"].get("sha256") or hashlib.sha256(s["image"]).hexdigest() for s in batch],
-            caption_norm=[normalize_caption(s["caption"]) for s in batch], **hashes,
+            caption_norm=[normalize_caption(s["caption"]) for s in batch], **hash_columns,
         )
 
     def dataset(self, table: pa.Table) -> list[str]:
