@@ -356,14 +356,13 @@ class TrainLoader:
         self.skips_before: collections.Counter = collections.Counter()  # from finished epochs
 
     def __iter__(self) -> Iterator[dict]:
-        self.dataset.set_epoch(self.epoch, dict(self.streams))  # before the workers fork
         # One set of workers for every epoch: forking a threaded process (gloo, OpenMP) each epoch
         # cost ~0.7 s per epoch, and is a suspect in an intermittent native crash of CPU ranks.
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers,
                                              prefetch_factor=4 if self.cfg.workers else None,
                                              persistent_workers=self.cfg.workers > 0)
         while True:
-            self.dataset.set_epoch(self.epoch, dict(self.streams))
+            self.dataset.set_epoch(self.epoch, dict(self.streams))  # workers fork, or resume, at iter(loader)
             for item in loader:
                 stream = item.pop("__stream__")
                 self.streams[stream] = {"position": item.pop("__position__"), "skips": item.pop("__skips__"),

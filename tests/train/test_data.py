@@ -42,10 +42,12 @@ def test_resume_mid_epoch_replays_the_same_batches(truncated_shards):
     for _ in range(loader.batches_per_epoch + 5):  # into the second epoch, odd position
         next(stream)
     state = loader.state_dict()
-    expected = [next(stream) for _ in range(6)]
+    expected = [next(stream) for _ in range(loader.batches_per_epoch)]  # on into the third epoch
     resumed = _loader(truncated_shards)
     resumed.load_state_dict(state)
-    for want, got in zip(expected, itertools.islice(iter(resumed), 6)):
+    got_all = list(itertools.islice(iter(resumed), len(expected)))
+    assert len(got_all) == len(expected)
+    for want, got in zip(expected, got_all):
         assert want.keys() == got.keys()
         for key in want:
             assert torch.equal(want[key], got[key]), key
