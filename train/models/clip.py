@@ -145,8 +145,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "clip_tiny": dict(embed_dim=64, image_tower="vit_tiny_patch16_224", image_size=32,
                       image_tower_args=dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2),
                       text_width=64, text_layers=2, text_heads=2, context_length=32),
-    "clip_tiny_resnet": dict(embed_dim=64, image_tower="resnet18", image_size=32, text_width=64, text_layers=2,
-                             text_heads=2, context_length=32),
+    "clip_tiny_resnet": dict(embed_dim=64, image_tower="resnet18", image_size=32,  # ResNet-18 at 1/4 width: 0.7M
+                             image_tower_args=dict(channels=(16, 32, 64, 128), stem_width=16),
+                             text_width=64, text_layers=2, text_heads=2, context_length=32),
     "clip_vit_b32": dict(embed_dim=512, image_tower="vit_base_patch32_clip_224"),
     "clip_vit_b16": dict(embed_dim=512, image_tower="vit_base_patch16_clip_224"),
     "clip_vit_l14": dict(embed_dim=768, image_tower="vit_large_patch14_clip_224", text_width=768, text_heads=12),
