@@ -55,7 +55,7 @@ def _normalize(contract: DataContract) -> list:
     return [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(contract.mean, contract.std)]
 
 
-def _interpolation(contract: DataContract) -> T.InterpolationMode:
+def interpolation_mode(contract: DataContract) -> T.InterpolationMode:
     return T.InterpolationMode(contract.interpolation)
 
 
@@ -81,7 +81,7 @@ def clip_train(cfg: DataConfig, contract: DataContract) -> Callable[[Image.Image
 
 @TRANSFORMS.register("eval")
 def eval_transform(cfg: DataConfig | None, contract: DataContract) -> Callable[[Image.Image], dict]:
-    resize = T.Resize(contract.image_size, interpolation=_interpolation(contract))
+    resize = T.Resize(contract.image_size, interpolation=interpolation_mode(contract))
     transform = T.Compose([resize, T.CenterCrop(contract.image_size), *_normalize(contract)])
     return lambda image: {"image": transform(image.convert("RGB"))}
 

@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 
 from train.config import DataConfig
 from train.contract import DataContract
-from train.data import TRANSFORMS
+from train.data import TRANSFORMS, interpolation_mode
 
 # Colour jitter (brightness, contrast, saturation, hue) at strength 1. SimCLR scales
 # (0.8, 0.8, 0.8, 0.2) by its strength s; MoCo v2 uses (0.4, 0.4, 0.4, 0.1), i.e. s = 0.5.
@@ -32,7 +32,7 @@ def augmentation(jitter: tuple[float, ...], crop_scale: tuple[float, float], con
     return v2.Compose([
         v2.PILToTensor(),
         v2.RGB(),  # greyscale sources (Fashion-MNIST) become 3-channel first
-        v2.RandomResizedCrop(size, scale=crop_scale, interpolation=_interpolation(contract), antialias=True),
+        v2.RandomResizedCrop(size, scale=crop_scale, interpolation=interpolation_mode(contract), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, min(hue, 0.5))], p=0.8),
         v2.RandomGrayscale(p=0.2),
@@ -55,7 +55,3 @@ def two_views(preset: str) -> Callable[[DataConfig, DataContract], Callable[[Ima
 
 for _preset in JITTER:
     TRANSFORMS.register(_preset, two_views(_preset))
-
-
-def _interpolation(contract: DataContract) -> v2.InterpolationMode:
-    return v2.InterpolationMode(contract.interpolation)
