@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -69,3 +70,16 @@ def torchrun_popen():
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     return start
+
+
+@pytest.fixture(scope="session")
+def rank_outputs(torchrun):
+    """``rank_outputs(script, out_dir, nproc=2) -> [rank 0's dict, ...]``: runs a test file as the worker
+    under torchrun (its ``__main__`` takes ``out_dir`` and saves ``rank{r}.pt``) and loads what each rank saved."""
+
+    def run(script: str, out_dir: Path, nproc: int = 2) -> list[dict]:
+        proc = torchrun([script, str(out_dir)], nproc=nproc, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+    return run

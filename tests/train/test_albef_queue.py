@@ -7,7 +7,6 @@ ALBEF with a queue that holds two global batches, so the third step wraps the po
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -54,10 +53,8 @@ def worker(out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_queues_after_steps_on_two_ranks(tmp_path, torchrun):
-    proc = torchrun([__file__, str(tmp_path)], nproc=WORLD)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def test_queues_after_steps_on_two_ranks(tmp_path, rank_outputs):
+    ranks = rank_outputs(__file__, tmp_path, nproc=WORLD)
     for name in ("image", "text", "id"):
         assert torch.equal(ranks[0]["queue"][name], ranks[1]["queue"][name]), name  # identical on both ranks
     global_batch = WORLD * LOCAL_BATCH

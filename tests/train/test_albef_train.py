@@ -7,13 +7,11 @@ one, so within a test's few steps ITM mostly learns the match prior (from log 2 
 """
 
 import json
-import os
-import signal
-import time
 
-import psutil
 import pytest
 import torch
+
+from train_runs import cached_runs, kill_one_rank_at_checkpoint
 
 pytestmark = pytest.mark.slow
 STEPS, KILL_AFTER = 12, "step_0000004"
@@ -42,17 +40,8 @@ def _queues(run_dir) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(fmnist_shards, tmp_path_factory, torchrun):
-    done = {}
-
-    def get(stage):
-        if stage not in done:
-            run_dir = tmp_path_factory.mktemp(f"albef_zero{stage}")
-            proc = torchrun(_args(fmnist_shards, run_dir, stage), timeout=300)
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            done[stage] = run_dir
-        return done[stage]
-
-    return get
+    return cached_runs(tmp_path_factory, torchrun, lambda run_dir, stage: _args(fmnist_shards, run_dir, stage),
+                       "albef", timeout=300)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -68,11 +57,7 @@ def test_zero_stage_lowers_itc_itm_and_mlm(runs, stage):
 def test_killed_run_resumes_onto_the_same_curve_and_queues(runs, fmnist_shards, tmp_path, torchrun, torchrun_popen):
     reference = runs(2)
     proc = torchrun_popen(_args(fmnist_shards, tmp_path, 2))
-    latest, deadline = tmp_path / "checkpoints" / "latest", time.time() + 240
-    while not (latest.exists() and latest.read_text() == KILL_AFTER):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    os.kill(psutil.Process(proc.pid).children()[-1].pid, signal.SIGKILL)  # one rank dies mid-run
+    kill_one_rank_at_checkpoint(tmp_path, proc, KILL_AFTER, timeout=240)  # one rank dies mid-run
     proc.communicate(timeout=120)
     assert proc.returncode != 0 and max(_curve(tmp_path)) < STEPS
 

@@ -6,10 +6,7 @@ a tiny ViT (no BatchNorm, so every key can be recomputed independently of its ba
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +15,6 @@ import torch.nn.functional as F
 from train.models.ssl import SSLEncoder
 from train.objectives.moco import MoCo
 
-ROOT = Path(__file__).resolve().parents[2]
 WORLD, LOCAL_BATCH, QUEUE, MOMENTUM = 2, 2, 12, 0.9
 
 
@@ -64,12 +60,8 @@ def worker(out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("moco")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", __file__, str(out)]
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=120)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+def ranks(tmp_path_factory, rank_outputs) -> list[dict]:
+    return rank_outputs(__file__, tmp_path_factory.mktemp("moco"), nproc=WORLD)
 
 
 @pytest.mark.slow

@@ -7,10 +7,7 @@ same seeded global batch and saves its loss/output and the gradients of its slic
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +16,6 @@ import torch.nn.functional as F
 from train.batchnorm import GlobalBatchNorm
 from train.objectives.simclr import nt_xent
 
-ROOT = Path(__file__).resolve().parents[2]
 WORLD, LOCAL_BATCH, DIM, TEMPERATURE = 2, 3, 5, 0.3
 
 
@@ -67,12 +63,8 @@ def worker(out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
-    out = tmp_path_factory.mktemp("nt_xent")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", __file__, str(out)]
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=120)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+def ranks(tmp_path_factory, rank_outputs) -> list[dict[str, torch.Tensor]]:
+    return rank_outputs(__file__, tmp_path_factory.mktemp("nt_xent"), nproc=WORLD)
 
 
 @pytest.mark.slow

@@ -6,16 +6,13 @@ test, the ZeRO-3 run is also exported through ``load_encoder``.
 
 import json
 import math
-import os
-import signal
-import time
 
-import psutil
 import pytest
 import torch
 from PIL import Image
 
 from pipeline.encoder import load_encoder
+from train_runs import cached_runs, kill_one_rank_at_checkpoint
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -37,17 +34,8 @@ def _losses(run_dir):
 @pytest.fixture(scope="module")
 def runs(fmnist_shards, tmp_path_factory, torchrun):
     """Run dirs of uninterrupted ZeRO-1/2/3 runs, built lazily and kept for the module."""
-    done = {}
-
-    def get(stage):
-        if stage not in done:
-            run_dir = tmp_path_factory.mktemp(f"zero{stage}")
-            proc = torchrun(_args(fmnist_shards, run_dir, stage), timeout=600)
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            done[stage] = run_dir
-        return done[stage]
-
-    return get
+    return cached_runs(tmp_path_factory, torchrun, lambda run_dir, stage: _args(fmnist_shards, run_dir, stage),
+                       "clip", timeout=600)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -69,21 +57,11 @@ def test_zero3_checkpoint_exports_an_encoder(runs):
     assert encoder.embed_texts(["a photo of a bag"]).shape == (1, 64)
 
 
-def _kill_one_rank_after(run_dir, proc, tag):
-    latest = run_dir / "checkpoints" / "latest"
-    deadline = time.time() + 600
-    while not (latest.exists() and latest.read_text() == tag):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before the first checkpoint"
-        time.sleep(0.02)
-    ranks = psutil.Process(proc.pid).children()
-    os.kill(ranks[-1].pid, signal.SIGKILL)
-
-
 def test_kill_one_rank_then_resume_matches_the_uninterrupted_curve(runs, fmnist_shards, tmp_path, torchrun,
                                                                    torchrun_popen):
     reference = _losses(runs(2))
     proc = torchrun_popen(_args(fmnist_shards, tmp_path, 2))
-    _kill_one_rank_after(tmp_path, proc, "step_0000004")
+    kill_one_rank_at_checkpoint(tmp_path, proc, "step_0000004", timeout=600)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0, "the killed run must fail"
     killed_at = max(_losses(tmp_path))
