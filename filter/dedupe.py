@@ -153,8 +153,8 @@ class Dedupe(Step):
         batch = list(samples)
         cfg, layout, name = self.cfg, self.context.layout, self.context.name
         thumbs, hashes = [], []
-        for sample in batch:  # decoded once for every level that reads pixels
-            image = Image.open(io.BytesIO(sample["image"]))
+        for sample in batch if {"pixel", "phash"} & set(cfg.levels) else ():
+            image = Image.open(io.BytesIO(sample["image"])).convert("L")  # decoded and grey once for both levels
             if "pixel" in cfg.levels:
                 thumbs.append(thumbnail(image, cfg.pixel))
             if "phash" in cfg.levels:
