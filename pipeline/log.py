@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import sys
 from typing import Iterable, TypeVar
@@ -13,7 +14,13 @@ _state = {"rank": 0}
 
 
 def setup_logging(level: str = "INFO", rank: int = 0, world_size: int = 1) -> None:
-    """Configure the root logger once per process; distributed runs prefix every line with the rank."""
+    """Configure the root logger once per process; distributed runs prefix every line with the rank.
+
+    Also prints every thread's Python stack on a native crash (SIGSEGV, heap abort), so a dead
+    rank in a job's log says where it died instead of only its exit code.
+    """
+    if sys.__stderr__ is not None:  # the process's own stderr: sys.stderr may be a capture without a file
+        faulthandler.enable(sys.__stderr__, all_threads=True)
     _state["rank"] = rank
     prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
     handler = logging.StreamHandler(sys.stderr)

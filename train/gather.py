@@ -2,13 +2,18 @@
 
 All of them work unchanged in a single process (they return the input), so the same
 objective runs in unit tests and on N nodes x 8 GPUs.
+
+Every collective here is a blocking c10d call. torch's functional collectives
+(``_functional_collectives.all_gather_single_autograd``) are not used on purpose: on gloo,
+their asynchronous backward corrupted the heap about once in 7,000 steps (a SIGSEGV or
+``malloc(): unaligned tcache chunk`` in gloo's worker thread; reproduced by
+``benchmarks/gather_stress.py``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 
 
 def world() -> tuple[int, int]:
@@ -16,6 +21,25 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: all-gather along dim 0. Backward: every rank's gradient for the whole gathered
+    tensor, summed (all-reduce), then this rank's slice of it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, world_size = world()
+        ctx.rank, ctx.batch = rank, x.shape[0]
+        out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce is in place; autograd owns grad
+        dist.all_reduce(grad)
+        return grad.narrow(0, ctx.rank * ctx.batch, ctx.batch)
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -27,8 +51,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, world_size = world()
     if world_size == 1:
         return x
-    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-    return gather(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    return _AllGatherWithGrad.apply(x)
 
 
 @torch.no_grad()
@@ -37,6 +60,6 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     _, world_size = world()
     if world_size == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
+    out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
