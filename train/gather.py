@@ -5,9 +5,9 @@ objective runs in unit tests and on N nodes x 8 GPUs.
 
 Every collective here is a blocking c10d call. torch's functional collectives
 (``_functional_collectives.all_gather_single_autograd``) are not used on purpose: on gloo,
-their asynchronous backward corrupted the heap about once in 7,000 steps (a SIGSEGV or
-``malloc(): unaligned tcache chunk`` in gloo's worker thread; reproduced by
-``benchmarks/gather_stress.py``).
+their asynchronous backward corrupted a rank's heap in two of three 25,000-step stress runs,
+once after about 7,000 steps (a SIGSEGV or ``malloc(): unaligned tcache chunk`` in gloo's
+worker thread; ``python -m benchmarks.gather_stress``).
 """
 
 from __future__ import annotations
