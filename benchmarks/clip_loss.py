@@ -17,7 +17,6 @@ import ctypes
 import gc
 import json
 import os
-import socket
 import time
 
 import torch
@@ -25,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.measure import PeakRSS
+from train.parallel import free_port
 
 DIM = 512
 
@@ -109,9 +109,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--impls", nargs="+", default=["open_clip", "ours_dense", "ours_chunked"])
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     manager = mp.Manager()
     out = manager.dict()
     mp.spawn(worker, args=(args.world, port, args, out), nprocs=args.world)

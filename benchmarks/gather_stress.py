@@ -6,7 +6,7 @@ gathered ones, and runs backward, while the allocator is churned. A rank that di
 heap abort) is reported with its exit code; the other rank then fails on a reset connection.
 We report steps per second, how each implementation ended and how many steps it completed.
 
-    python -m benchmarks.gather_stress                          # both, 20,000 steps each (~25 min)
+    python -m benchmarks.gather_stress                          # both, 20,000 steps each (~10 min each)
     python -m benchmarks.gather_stress --impls ours --steps 2000
 """
 
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from train.parallel import free_port
 
 
 def torch_functional(x: torch.Tensor) -> torch.Tensor:
@@ -60,9 +60,7 @@ def worker(rank: int, world: int, port: int, impl: str, steps: int, batch: int, 
 
 
 def run(impl: str, args) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spawn = mp.get_context("spawn")
     timings, progress = spawn.Queue(), spawn.Array("q", args.world, lock=False)
     ranks = [spawn.Process(target=worker, daemon=True,
@@ -71,13 +69,13 @@ def run(impl: str, args) -> dict:
              for rank in range(args.world)]
     for p in ranks:
         p.start()
-    while any(p.exitcode is None for p in ranks):  # a dead rank leaves its peer blocked: stop both
-        if any(p.exitcode not in (None, 0) for p in ranks):
-            for p in ranks:
-                p.join(timeout=30)
-                if p.exitcode is None:
-                    p.kill()
+    while any(p.exitcode is None for p in ranks) and all(p.exitcode in (None, 0) for p in ranks):
         time.sleep(0.5)
+    for p in ranks:  # a dead rank leaves its peer blocked on the connection: give it a moment, then stop it
+        p.join(timeout=30)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
     exit_codes = [p.exitcode for p in ranks]
     completed = all(code == 0 for code in exit_codes)
     seconds = max(timings.get() for _ in ranks) if completed else None  # the loop only, slowest rank
@@ -94,7 +92,6 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--world", type=int, default=2)
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     results = [run(impl, args) for impl in args.impls]
     by = {r["impl"]: r for r in results}
     ratio = None

@@ -23,17 +23,20 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty((world()[1] * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Forward: all-gather along dim 0. Backward: every rank's gradient for the whole gathered
     tensor, summed (all-reduce), then this rank's slice of it."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, world_size = world()
-        ctx.rank, ctx.batch = rank, x.shape[0]
-        out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
-        return out
+        ctx.rank, ctx.batch = world()[0], x.shape[0]
+        return _gather(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -60,6 +63,4 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     _, world_size = world()
     if world_size == 1:
         return x
-    out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous())
-    return out
+    return _gather(x)

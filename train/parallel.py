@@ -45,7 +45,7 @@ def _first_slurm_host(nodelist: str) -> str:
     return hosts.stdout.split()[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -62,7 +62,7 @@ def dist_env(run: RunConfig, parallel: ParallelConfig) -> DistEnv:
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env["SLURM_JOB_NODELIST"])
         port = int(env.get("MASTER_PORT", parallel.master_port))
     else:  # one process: any free port, so concurrent single-process runs never collide
-        rank, world, local, addr, port = 0, 1, 0, "127.0.0.1", _free_port()
+        rank, world, local, addr, port = 0, 1, 0, "127.0.0.1", free_port()
     device = torch.device("cuda", local) if run.device == "cuda" else torch.device("cpu")
     return DistEnv(rank=rank, world=world, local_rank=local, device=device, master_addr=addr, master_port=port)
 
