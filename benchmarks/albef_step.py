@@ -79,8 +79,6 @@ def _peak_bytes(device: torch.device) -> int:
 
 
 def measure(side: str, args: argparse.Namespace, results) -> None:
-    import train.models  # noqa: F401
-    import train.objectives  # noqa: F401
     from train.optim import param_groups
     from train.registry import MODELS, OBJECTIVES
     from train.tokenizers import build as build_tokenizer

@@ -17,7 +17,6 @@ import torch
 
 
 def ours(batch: dict):
-    import train.models  # noqa: F401
     from train.objectives.clip import CLIPObjective
     from train.optim import param_groups
     from train.registry import MODELS

@@ -32,13 +32,13 @@ import pyarrow.compute as pc
 import torch
 
 from benchmarks.measure import PeakRSS, stdout_to_stderr
-from filter import Context
+from filter import StepContext
 from filter.dedupe import LEVELS, Dedupe, DedupeConfig, Features, normalize_caption
-from pipeline import config
+from pipeline.core import config
 from pipeline.build_shards import BuildConfig
 from pipeline.embedded import load_pool
-from pipeline.log import setup_logging
-from pipeline.shards import Layout
+from pipeline.core.log import setup_logging
+from pipeline.core.shards import Layout
 
 
 def synthetic(n: int, dim: int = 512, copies: float = 0.01, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +80,7 @@ def pool_quality(cfg: DedupeConfig, rows: int) -> dict:
     samples = [{"row": r["id"], "uid": f"{r['id']:032x}", "image": r["content"], "caption": r["caption"], "meta": {}}
                for r in pool.select(["id", "content", "caption"]).to_pylist()]
     with tempfile.TemporaryDirectory() as tmp:
-        step = Dedupe(cfg, Context(Layout(tmp), "dedupe"))
+        step = Dedupe(cfg, StepContext(Layout(tmp), "dedupe"))
         start = time.perf_counter()
         table = step.shard(0, iter(samples))
         reasons = np.array(step.dataset(table.append_column("part", pa.array(np.zeros(table.num_rows, np.int64)))))

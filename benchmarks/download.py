@@ -21,12 +21,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from benchmarks.measure import stdout_to_stderr
-from pipeline import config
+from pipeline.core import config
 from pipeline.download import DownloadCommand, download, extra_columns
 from pipeline.embedded import load_pool
-from pipeline.log import setup_logging
+from pipeline.core.log import setup_logging
 from pipeline.serve import serve_pool
-from pipeline.shards import Layout
+from pipeline.core.shards import Layout
 from pipeline.sources import prepare
 
 

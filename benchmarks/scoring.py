@@ -2,7 +2,7 @@
 
 Shards in the download layout (``download/{part}.tar``: jpg, txt, json with row and uid) hold
 ``--samples`` embedded-pool images. Both sides use the same random-init open_clip model (``--model``,
-a pipeline.encoder spec; no weights offline), batch 256, ``--workers`` DataLoader workers, and save
+a train.encoder spec; no weights offline), batch 256, ``--workers`` DataLoader workers, and save
 L2-normalised float16 image and text embeddings:
 
 - ours: filter.clip_score.ClipScore.run_shards (what ``build_shards`` runs per array task);
@@ -27,13 +27,13 @@ import pyarrow.compute as pc
 import torch
 import webdataset as wds
 
-from filter import Context
+from filter import StepContext
 from filter.clip_score import ClipScore, ClipScoreConfig
 from pipeline.build_shards import PartSamples
 from pipeline.embedded import load_pool
-from pipeline.encoder import load_encoder
-from pipeline.log import setup_logging
-from pipeline.shards import Layout
+from train.encoder import load_encoder
+from pipeline.core.log import setup_logging
+from pipeline.core.shards import Layout
 
 BATCH = 256
 
@@ -54,7 +54,7 @@ def make_shards(layout: Layout, samples: int, shards: int) -> list[int]:
 
 def run_ours(layout: Layout, parts: list[int], args) -> int:
     cfg = ClipScoreConfig(model=args.model, batch_size=BATCH, workers=args.workers)
-    step = ClipScore(cfg, Context(layout, "clip_score"))
+    step = ClipScore(cfg, StepContext(layout, "clip_score"))
     everything = PartSamples(layout, {p: set(range(args.samples)) for p in parts})
     return sum(table.num_rows for _, table in step.run_shards(parts, everything))
 

@@ -1,7 +1,9 @@
 """Curation steps. Each records, for every sample it sees, a decision: a reason ("" keeps it).
 
-A step is registered in :data:`STEPS` under the name its config section has, and has up to
-two phases (the build command runs them in order, step after step):
+A step is a module of this package that registers a :class:`Step` in :data:`STEPS` under the
+name its config section has (``clip_score: {...}``: the section is its ``Config``, added to the
+build config by registration alone). It has up to two phases (the build command runs them in
+order, step after step):
 
 - ``shard(part, samples) -> pa.Table``: per input shard, embarrassingly parallel (a Slurm array
   task owns a range of shards). One row per sample seen: ``row``, ``reason`` and whatever
@@ -19,26 +21,25 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
-from pipeline.registry import Registry
+from pipeline.core.registry import Registry
 
-STEPS: Registry = Registry("curation step")
+STEPS: Registry = Registry("curation step", package="filter")
 
 
 @dataclasses.dataclass
-class Context:
+class StepContext:
     """What a step may read besides its samples: the output layout (earlier steps' files)."""
 
-    layout: Any  # pipeline.shards.Layout
+    layout: Any  # pipeline.core.shards.Layout
     name: str
 
 
 class Step:
     Config: type
 
-    def __init__(self, cfg: Any, context: Context):
+    def __init__(self, cfg: Any, context: StepContext):
         self.cfg, self.context = cfg, context
 
-    has_shard_phase = True
     has_dataset_phase = False
 
     def shard(self, part: int, samples: Iterator[dict]) -> pa.Table:

@@ -1,6 +1,6 @@
 """CLIP-score filter: cosine of a pair's image and text embeddings, kept by threshold or top fraction.
 
-The model is any ``pipeline.encoder.load_encoder`` spec: ``open_clip:MODEL[:PRETRAINED]`` or a run
+The model is any ``train.encoder.load_encoder`` spec: ``open_clip:MODEL[:PRETRAINED]`` or a run
 directory of this project. Inference is batched over the WebDataset shards with DataLoader
 workers decoding and preprocessing (clip-retrieval's approach). Embeddings are kept, L2-normalised
 float16 and row-aligned with the shard's parquet (``{part}.image.npy``, ``{part}.text.npy``), so
@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from filter import STEPS, Step, decisions
-from pipeline.encoder import load_encoder
-from pipeline.io import atomic_write
-from pipeline.log import get_logger, progress
+from train.encoder import load_encoder
+from pipeline.core.io import atomic_write
+from pipeline.core.log import get_logger, progress
 
 log = get_logger(__name__)
 

@@ -19,12 +19,12 @@ from PIL import Image
 
 from filter import STEPS, Step, decisions
 from filter.near_dup import PixelMatchConfig, matching_pairs, thumbnail
-from pipeline.log import get_logger
-from pipeline.registry import Registry
+from pipeline.core.log import get_logger
+from pipeline.core.registry import Registry
+from pipeline.core.shards import IMAGE_EXTENSIONS
 
 log = get_logger(__name__)
 EVAL_SETS: Registry = Registry("evaluation set")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -47,11 +47,11 @@ def _from_path(path: str) -> Iterator[Image.Image]:
 
     fs, root = fsspec.core.url_to_fs(path)
     for name in sorted(fs.find(root)):
-        if name.lower().endswith(IMAGE_SUFFIXES):
+        if name.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
             yield Image.open(io.BytesIO(fs.cat(name)))
         elif name.endswith(".tar"):
             for sample in wds.DataPipeline(wds.SimpleShardList([fs.unstrip_protocol(name)]), wds.tarfile_to_samples()):
-                data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+                data = next((sample[k] for k in IMAGE_EXTENSIONS if k in sample), None)
                 if data is not None:
                     yield Image.open(io.BytesIO(data))
 

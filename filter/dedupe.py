@@ -28,9 +28,9 @@ from PIL import Image
 from filter import STEPS, Step, decisions, phash
 from filter.embedders import EMBEDDERS
 from filter.near_dup import PixelMatchConfig, groups, matching_pairs, thumbnail
-from pipeline.io import atomic_write
-from pipeline.log import get_logger
-from pipeline.registry import Registry
+from pipeline.core.io import atomic_write
+from pipeline.core.log import get_logger
+from pipeline.core.registry import Registry
 
 log = get_logger(__name__)
 LEVELS: Registry = Registry("dedupe level")

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.registry import Registry
-from pipeline.shards import read_parquet
+from pipeline.core.registry import Registry
+from pipeline.core.io import read_parquet
 
 EMBEDDERS: Registry = Registry("image embedder")
 

@@ -2,7 +2,7 @@
 
     python -m pipeline.build_shards --input URLS --output DIR [--config FILE] [key=value ...]
         [--stages prepare,download,basic,decontaminate,clip_score,dedupe,reshard]
-        [--phase shard|dataset|all] [--task I/N]
+        [--phase shard|dataset|all] [--task I/N] [--plan]
 
 Stages run in order: ``prepare`` (read and check the list, cut it into parts), ``download``
 (img2dataset), the curation ``steps`` of the config (see filter/), then ``reshard``. A stage has a
@@ -11,6 +11,9 @@ array task each) and/or a ``dataset`` phase run once (top-fraction threshold, de
 output plan and manifest). Every output is written atomically and skipped when present, so a
 killed run resumes with the same command. ``--input`` may be omitted when DIR already holds
 downloaded shards (e.g. ``--stages clip_score,dedupe,reshard clip_score.model=<run dir>``).
+``--plan`` prints the chain of phases a scheduler runs (``slurm/build_shards.sh``) and exits.
+
+The config has one section per registered curation step (``filter/``), named after it.
 """
 
 from __future__ import annotations
@@ -18,35 +21,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 
 import numpy as np
 import pyarrow as pa
 
-import filter.basic  # noqa: F401  (each module registers its step)
-import filter.clip_score  # noqa: F401
-import filter.decontaminate  # noqa: F401
-import filter.dedupe  # noqa: F401
-from filter import STEPS, Context, Step
-from pipeline import config, reshard
-from pipeline.download import DownloadConfig, download, error_reason, extra_columns, task_range
-from pipeline.io import exists, read_json
-from pipeline.log import get_logger, setup_logging
+from filter import STEPS, Step, StepContext
+from pipeline import reshard
+from pipeline.core import config
+from pipeline.core.io import exists, read_json, read_parquet, write_parquet
+from pipeline.core.log import get_logger, setup_logging
+from pipeline.core.shards import Layout, alive, samples
+from pipeline.core.tasks import task_range
+from pipeline.download import DownloadConfig, download, extra_columns
 from pipeline.manifest import build_manifest
-from pipeline.shards import Layout, alive, read_parquet, samples, write_parquet
 from pipeline.sources import InputConfig, prepare
 
 log = get_logger(__name__)
 
 
 @dataclasses.dataclass(kw_only=True)
-class BuildConfig:
+class BuildSettings:
+    """The build command's settings; each registered curation step adds its own section."""
+
     input: InputConfig = dataclasses.field(default_factory=InputConfig)
     download: DownloadConfig = dataclasses.field(default_factory=DownloadConfig)
     steps: list[str] = dataclasses.field(default_factory=lambda: ["basic", "decontaminate", "clip_score", "dedupe"])
-    basic: filter.basic.BasicConfig = dataclasses.field(default_factory=filter.basic.BasicConfig)
-    decontaminate: filter.decontaminate.DecontaminateConfig = dataclasses.field(default_factory=filter.decontaminate.DecontaminateConfig)
-    clip_score: filter.clip_score.ClipScoreConfig = dataclasses.field(default_factory=filter.clip_score.ClipScoreConfig)
-    dedupe: filter.dedupe.DedupeConfig = dataclasses.field(default_factory=filter.dedupe.DedupeConfig)
     reshard: reshard.ReshardConfig = dataclasses.field(default_factory=reshard.ReshardConfig)
     log_level: str = "INFO"
 
@@ -55,12 +55,15 @@ class BuildConfig:
             STEPS.get(name)
 
 
+BuildConfig = config.with_sections("BuildConfig", BuildSettings, STEPS)
+
+
 class Build:
     """The stages of one output folder; each method is one (stage, phase)."""
 
     def __init__(self, cfg: BuildConfig, output: str):
         self.cfg, self.layout = cfg, Layout(output)
-        self.steps: dict[str, Step] = {n: STEPS.build(n, getattr(cfg, n), Context(self.layout, n)) for n in cfg.steps}
+        self.steps: dict[str, Step] = {n: STEPS.build(n, getattr(cfg, n), StepContext(self.layout, n)) for n in cfg.steps}
 
     @functools.cached_property
     def index(self) -> dict:
@@ -156,6 +159,19 @@ class PartSamples:
         return alive(samples(self.layout.download(part, ".tar")), self.rows[part])
 
 
+def plan(cfg: BuildConfig, stages: list[str] | None = None) -> list[tuple[list[str], str]]:
+    """The chain a scheduler runs: (stages whose shard phases run as one array, the stage whose
+    dataset phase runs after them, "" for none). Later shard phases read what that dataset
+    phase decided (which samples are still in the running), so each link waits for the last."""
+    chain, group = [], []
+    for stage in [s for s in stages or ["download", *cfg.steps, "reshard"] if s != "prepare"]:
+        group.append(stage)
+        if stage == "reshard" or (stage in cfg.steps and STEPS.get(stage).has_dataset_phase):
+            chain.append((group, stage))
+            group = []
+    return chain + [(group, "")] if group else chain
+
+
 def run(cfg: BuildConfig, output: str, input: str | None = None, stages: list[str] | None = None,
         phase: str = "all", task: str = "") -> dict | None:
     """Run ``stages`` (default: all) of the build; returns stats when the dataset phase of reshard ran."""
@@ -192,14 +208,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", default="", help="comma-separated stages (default: all, in order)")
     parser.add_argument("--phase", default="all", choices=["all", "shard", "dataset"])
     parser.add_argument("--task", default="", help="I/N: only the I-th of N slices of the shards (a Slurm array task)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the chain of phases, one link per line: SHARD_STAGES DATASET_STAGE (- for none)")
     config.add_arguments(parser, default=config.CONFIG_ROOT / "data" / "default.yaml")
     args = parser.parse_args(argv)
     cfg = config.from_args(BuildConfig, args)
     setup_logging(cfg.log_level)
     stages = [s for s in args.stages.split(",") if s] or None
+    if args.plan:
+        print("\n".join(f"{','.join(shard)} {dataset or '-'}" for shard, dataset in plan(cfg, stages)))
+        return
     stats = run(cfg, args.output, args.input, stages, args.phase, args.task)
     if stats:
-        print(__import__("json").dumps(stats, indent=2))
+        print(json.dumps(stats, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import re
 import typing
 from pathlib import Path
 
+from pipeline.core.config import Section
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- section:config-reference -->", "<!-- /section:config-reference -->"
 
@@ -29,12 +31,12 @@ SCHEMAS = {
     "python -m pipeline.evaluate": "pipeline.evaluation:EvalConfig",
     "python -m pipeline.demo": "pipeline.demo:DemoConfig",
 }
-# Registry-dispatched sections: the keys of each registered entry's ``Config``.
+# Sections dispatched by their `name` key: the keys of each registered entry's ``Config``.
 DISPATCHED = {
-    "model (train)": ("train.registry:MODELS", "train.models"),
-    "objective (train)": ("train.registry:OBJECTIVES", "train.objectives"),
-    "dataset (evaluate)": ("pipeline.evaluation.datasets:DATASETS", None),
-    "tasks[] (evaluate)": ("pipeline.evaluation.tasks:TASKS", None),
+    "model (train)": "train.config:ModelSection",
+    "objective (train)": "train.config:ObjectiveSection",
+    "dataset (evaluate)": "pipeline.evaluation.datasets:DatasetConfig",
+    "tasks[] (evaluate)": "pipeline.evaluation.task:TaskConfig",
 }
 _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
 
@@ -75,7 +77,7 @@ def rows(schema: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     for field in dataclasses.fields(schema):
         key, tp = prefix + field.name, hints[field.name]
         item = (typing.get_args(tp) or (None,))[0] if typing.get_origin(tp) is list else None
-        if hasattr(tp, "config_for"):
+        if isinstance(tp, type) and issubclass(tp, Section):
             out.append((f"{key}.name", "str", "**required**",
                         f"registered name; the section's other keys are those of that entry's `Config`. {comments.get(field.name, '')}".strip()))
         elif dataclasses.is_dataclass(tp):
@@ -104,24 +106,16 @@ def _load(target: str):
 def dispatched_reference() -> list[str]:
     """One table per group of registered entries sharing the same keys (variants differ in defaults)."""
     parts = []
-    for section, (target, fill) in DISPATCHED.items():
-        try:
-            if fill:
-                importlib.import_module(fill)
-            registry = _load(target)
-        except (ImportError, AttributeError):
-            parts.append(f"### `{section}`\n\nNot built yet (`{target}`).\n")
-            continue
+    for section, target in DISPATCHED.items():
+        registry = _load(target).registry
         groups: dict[tuple, list[str]] = {}
         for name in registry.names():
-            config = getattr(registry.get(name), "Config", None)
-            if config is not None:
-                groups.setdefault(tuple(f.name for f in dataclasses.fields(config)), []).append(name)
+            groups.setdefault(tuple(f.name for f in dataclasses.fields(registry.config(name))), []).append(name)
         for names in groups.values():
             listed = ", ".join(f"`{n}`" for n in names)
             note = f" (defaults shown for `{names[0]}`)" if len(names) > 1 else ""
             parts.append(f"### `{section}`: {listed}\n\nKeys with `name: {names[0]}`{note}.\n\n"
-                         + _table(registry.get(names[0]).Config))
+                         + _table(registry.config(names[0])))
     return parts
 
 
@@ -129,12 +123,7 @@ def reference() -> str:
     """The whole reference as markdown: one table per command, then per registered entry."""
     parts = []
     for command, target in SCHEMAS.items():
-        try:
-            schema = _load(target)
-        except (ImportError, AttributeError):
-            parts.append(f"### `{command}`\n\nNot built yet (`{target}`).\n")
-            continue
-        parts.append(f"### `{command}`\n\nSchema `{target}`.\n\n" + _table(schema))
+        parts.append(f"### `{command}`\n\nSchema `{target}`.\n\n" + _table(_load(target)))
     return "\n".join(parts + dispatched_reference())
 
 

@@ -9,18 +9,16 @@
    against the zero-shot test images, reshard (``pipeline.build_shards``);
 5. train CLIP on the curated shards on 2 ranks (torchrun, DeepSpeed ZeRO-2, gloo);
 6. evaluate zero-shot on the Fashion-MNIST test split (``pipeline.evaluate``);
-7. write the report folder (``pipeline.report``) and print the goals.
+7. write the report folder (``pipeline.demo_report``) and print the goals.
 
 Every stage is the same command a user runs by hand; the demo prints each one. A stage that
 finished is not run again (its marker is ``OUTPUT/done/<stage>.json``; ``--fresh`` starts over).
-A stage whose module does not exist yet is reported as not built, and the demo stops there.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -31,9 +29,11 @@ from typing import Callable
 
 import pyarrow.parquet as pq
 
-from pipeline import config
-from pipeline.io import read_json, write_json
-from pipeline.log import get_logger, setup_logging
+from pipeline.core import config
+from pipeline.core.io import read_json, write_json
+from pipeline.core.log import get_logger, setup_logging
+from pipeline.demo_report import write_report
+from pipeline.serve import serve_pool
 
 log = get_logger("pipeline.demo")
 
@@ -119,20 +119,13 @@ def command(stage: Stage, cfg: DemoConfig, paths: Paths) -> list[str]:
     return [*launcher, "--config", stage_cfg.config, *stage.args(paths), *overrides]
 
 
-def built(stage: Stage) -> bool:
-    return importlib.util.find_spec(stage.module) is not None
-
-
-def run_stage(stage: Stage, cfg: DemoConfig, paths: Paths) -> float | None:
-    """Run one stage unless it already finished; returns its wall time, None when not built."""
+def run_stage(stage: Stage, cfg: DemoConfig, paths: Paths) -> float:
+    """Run one stage unless it already finished; returns its wall time."""
     marker = paths["done"] / f"{stage.name}.json"
     if marker.exists():
         seconds = read_json(str(marker))["seconds"]
         log.info("%s: done earlier (%.0f s), skipping", stage.name, seconds)
         return seconds
-    if not built(stage):
-        log.warning("%s: not built yet (no module %s)", stage.name, stage.module)
-        return None
     stage.before(paths)
     argv = command(stage, cfg, paths)
     log.info("%s: %s", stage.name, " ".join(argv))
@@ -147,15 +140,12 @@ def run_stage(stage: Stage, cfg: DemoConfig, paths: Paths) -> float | None:
 
 def run(cfg: DemoConfig, fresh: bool = False) -> dict:
     """All stages in order, then the report; returns the report's summary (goals included)."""
-    from pipeline.report import write_report
-    from pipeline.serve import serve_pool
-
     paths = layout(Path(cfg.output).resolve())
     if fresh and paths["out"].exists():
         shutil.rmtree(paths["out"])
     paths["done"].mkdir(parents=True, exist_ok=True)
     config.save(cfg, paths["out"] / "config.yaml")
-    timings: dict[str, float | None] = {}
+    timings: dict[str, float] = {}
     with serve_pool() as server:
         # The server's port changes between runs; the URL list is rewritten every time, and
         # stages that finished earlier do not read it again. The ground truth is kept from the
@@ -165,11 +155,8 @@ def run(cfg: DemoConfig, fresh: bool = False) -> dict:
             pq.write_table(server.pool, paths["truth"])
         for stage in STAGES:
             timings[stage.name] = run_stage(stage, cfg, paths)
-            if timings[stage.name] is None:
-                break
-    timings["total"] = sum(seconds or 0.0 for seconds in timings.values())  # stages that ran earlier count too
-    not_built = sorted({stage.module for stage in STAGES if not built(stage)})
-    return write_report(paths, cfg.goals, timings, not_built)
+    timings["total"] = sum(timings.values())  # stages that ran earlier count too
+    return write_report(paths, cfg.goals, timings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     summary = run(config.from_args(DemoConfig, args), fresh=args.fresh)
     print(summary["text"], flush=True)
-    if summary["not_built"]:
-        return 0  # the stages that exist ran; the summary says which are missing
     return 0 if summary["goals_met"] else 1
 
 

@@ -18,11 +18,13 @@ import re
 from typing import Any
 
 import fsspec
+import pyarrow.parquet as pq
 
-from pipeline import config
-from pipeline.io import exists
-from pipeline.log import get_logger, setup_logging
-from pipeline.shards import Layout
+from pipeline.core import config
+from pipeline.core.io import exists
+from pipeline.core.log import get_logger, setup_logging
+from pipeline.core.shards import Layout
+from pipeline.core.tasks import task_range
 from pipeline.sources import INTERNAL, InputConfig, prepare
 
 log = get_logger(__name__)
@@ -103,8 +105,6 @@ def download(layout: Layout, parts: range, cfg: DownloadConfig, part_size: int, 
 
 def extra_columns(layout: Layout, sample_part: int = 0) -> list[str]:
     """The list's own columns that travel with every sample (uid, NSFW scores, trusted, ...)."""
-    import pyarrow.parquet as pq
-
     with fsspec.open(layout.input_part(sample_part), "rb") as f:
         names = pq.read_schema(f).names
     return [n for n in names if n not in INTERNAL]
@@ -112,19 +112,6 @@ def extra_columns(layout: Layout, sample_part: int = 0) -> list[str]:
 
 def _span(parts) -> str:
     return f"{parts[0]}..{parts[-1]}" if len(parts) else "none"
-
-
-def task_range(task: str, count: int) -> range:
-    """``I/N`` -> the I-th of N contiguous, disjoint slices of range(count); ``a:b`` -> range(a, b)."""
-    if not task:
-        return range(count)
-    if "/" in task:
-        index, total = map(int, task.split("/"))
-        if not 0 <= index < total:
-            raise ValueError(f"task {task!r}: index must be in [0, {total})")
-        return range(count * index // total, count * (index + 1) // total)
-    start, stop = (int(x) if x else None for x in task.split(":"))
-    return range(count)[slice(start, stop)]
 
 
 @dataclasses.dataclass(kw_only=True)

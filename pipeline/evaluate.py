@@ -10,29 +10,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
-import os
 import sys
 
-import torch
 import torch.distributed as dist
 
-from pipeline import config
-from pipeline.encoder import Encoder
+from pipeline.core import config
+from pipeline.core.log import setup_logging
 from pipeline.evaluation import EvalConfig, run
-from pipeline.log import setup_logging
+from train.encoder import Encoder
 from train.gather import world
-
-
-def init_distributed(cfg: EvalConfig) -> EvalConfig:
-    """Join the process group torchrun describes (if any); "cuda" becomes this rank's GPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    if cfg.device == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        cfg.device = f"cuda:{local_rank}"
-    return cfg
+from train.parallel import init_distributed
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[EvalConfig, str]:
@@ -48,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EvalConfig, str]:
 
 def evaluate(cfg: EvalConfig, log_level: str = "INFO", encoder: Encoder | None = None) -> list[dict]:
     """Run ``cfg`` as this process's rank (joining torchrun's group, if any); the results on every rank."""
-    cfg = init_distributed(cfg)
+    cfg = dataclasses.replace(cfg, device=str(init_distributed(cfg.device).device))  # "cuda": this rank's GPU
     setup_logging(log_level, *world())
     return run(cfg, encoder)
 

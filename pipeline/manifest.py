@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipeline.download import error_reason
-from pipeline.shards import read_parquet
+from pipeline.core.io import read_parquet
 
 # Per-step columns that stay out of the manifest (ids repeated, or only useful inside the step).
 _SKIP = {"uid", "caption_norm", "part"}

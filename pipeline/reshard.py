@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.io import exists, write_json
-from pipeline.log import get_logger, progress
-from pipeline.shards import Layout, alive, read_parquet, samples, write_parquet, write_tar
+from pipeline.core.io import exists, read_parquet, write_json, write_parquet
+from pipeline.core.log import get_logger, progress
+from pipeline.core.shards import Layout, alive, samples, write_tar
 
 log = get_logger(__name__)
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}

@@ -23,7 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.embedded import load_pool
-from pipeline.log import get_logger, setup_logging
+from pipeline.core.log import get_logger, setup_logging
 
 log = get_logger(__name__)
 _CONTENT_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}

@@ -22,8 +22,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from pipeline.io import atomic_write, exists, read_json, write_json
-from pipeline.log import get_logger, progress
+from pipeline.core.io import atomic_write, exists, read_json, write_json
+from pipeline.core.log import get_logger, progress
 
 log = get_logger(__name__)
 SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl"}

@@ -57,28 +57,6 @@ export OUTPUT INPUT
 cd "$VLPIPE_ROOT"
 BUILD=("$PYTHON" -m pipeline.build_shards --output "$OUTPUT" --config "$CONFIG")
 
-# "SHARD_STAGES DATASET_STAGE" per chain link: the shard phases one array runs, then the step whose
-# dataset phase must finish before later shard phases can tell which samples are still in the running.
-stage_groups() {
-    "$PYTHON" - "$CONFIG" "${STAGES:-}" "$@" <<'EOF'
-import sys
-from filter import STEPS
-from pipeline import config
-from pipeline.build_shards import BuildConfig
-
-cfg = config.load(BuildConfig, sys.argv[1], sys.argv[3:])
-stages = [s for s in sys.argv[2].split(",") if s not in ("", "prepare")] or ["download", *cfg.steps, "reshard"]
-group = []
-for stage in stages:
-    group.append(stage)
-    if stage == "reshard" or (stage in cfg.steps and STEPS.get(stage).has_dataset_phase):
-        print(",".join(group), stage)
-        group = []
-if group:
-    print(",".join(group), "-")
-EOF
-}
-
 submit() {  # submit this script for one phase after job $1 ("" = none); prints the job id
     local after="$1" phase="$2" stages="$3"; shift 3
     BUILD_PHASE="$phase" BUILD_STAGES="$stages" sbatch --parsable --export=ALL ${PARTITION:+--partition="$PARTITION"} \
@@ -102,9 +80,10 @@ driver)
         vlpipe_log "preparing $INPUT in $OUTPUT"
         "${BUILD[@]}" --input "$INPUT" --stages prepare --phase dataset "$@"
     fi
-    parts="$("$PYTHON" -c 'import sys; from pipeline.io import read_json; print(read_json(sys.argv[1])["parts"])' \
+    parts="$("$PYTHON" -c 'import sys; from pipeline.core.io import read_json; print(read_json(sys.argv[1])["parts"])' \
         "$OUTPUT/input/index.json")" || vlpipe_die "no prepared input in $OUTPUT: set INPUT"
-    groups="$(stage_groups "$@")"
+    # One "SHARD_STAGES DATASET_STAGE" line per chain link, from the build command itself.
+    groups="$("${BUILD[@]}" --plan ${STAGES:+--stages "$STAGES"} "$@")"
     tasks=$((parts < ${ARRAY_SIZE:-16} ? parts : ${ARRAY_SIZE:-16}))
     array="--array=0-$((tasks - 1))${ARRAY_PARALLEL:+%$ARRAY_PARALLEL}"
     last=""

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config
-from pipeline.config import ConfigError
-from pipeline.registry import Registry
+from pipeline.core import config
+from pipeline.core.config import ConfigError
+from pipeline.core.registry import Registry
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -118,22 +118,17 @@ def test_base_file_and_section_include(tmp_path):
 ENTRIES: Registry = Registry("model")
 
 
+@ENTRIES.register("small")
+class Small:
+    @dataclasses.dataclass(kw_only=True)
+    class Config:
+        name: str = "small"
+        width: int = 8
+
+
 @dataclasses.dataclass(kw_only=True)
-class SmallConfig:
-    name: str
-    width: int = 8
-
-
-ENTRIES.register("small", SmallConfig)
-
-
-@dataclasses.dataclass(kw_only=True)
-class ModelSection:
-    name: str
-
-    @classmethod
-    def config_for(cls, raw: dict) -> type:
-        return ENTRIES.get(raw.get("name", ""))
+class ModelSection(config.Section):
+    registry = ENTRIES
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -143,11 +138,27 @@ class Top:
 
 def test_registry_dispatched_section(tmp_path):
     cfg = config.load(Top, write(tmp_path, "m.yaml", "model: {name: small, width: 16}\n"))
-    assert cfg.model == SmallConfig(name="small", width=16)
+    assert cfg.model == Small.Config(name="small", width=16)
     with pytest.raises(ConfigError, match=r"unknown key 'model.depth'"):
         config.load(Top, write(tmp_path, "m2.yaml", "model: {name: small, depth: 2}\n"))
     with pytest.raises(ConfigError, match=r"unknown model 'smal'.*did you mean 'small'"):
         config.load(Top, write(tmp_path, "m3.yaml", "model: {name: smal}\n"))
+    with pytest.raises(ConfigError, match=r"'model'.*needs a 'name', one of: small"):
+        config.load(Top, write(tmp_path, "m4.yaml", "model: {width: 2}\n"))
+
+
+@dataclasses.dataclass(kw_only=True)
+class Settings:
+    steps: list[str] = dataclasses.field(default_factory=list)
+
+
+def test_one_section_per_registered_entry(tmp_path):
+    schema = config.with_sections("WithSections", Settings, ENTRIES)
+    cfg = config.load(schema, write(tmp_path, "s.yaml", "steps: [small]\nsmall: {width: 3}\n"))
+    assert cfg.small == Small.Config(name="small", width=3) and cfg.steps == ["small"]
+    assert config.load(schema).small == Small.Config(name="small")  # every section has its defaults
+    with pytest.raises(ConfigError, match=r"unknown key 'small.depth'"):
+        config.load(schema, None, ["small.depth=1"])
 
 
 def test_resolved_config_round_trips(tmp_path):

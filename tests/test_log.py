@@ -7,7 +7,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 CRASH = """
-from pipeline.log import setup_logging
+from pipeline.core.log import setup_logging
 import ctypes
 
 def read_address_zero():

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from pipeline.report import curation_quality
+from pipeline.demo_report import curation_quality
 
 # id, fault, dup_of: two clean originals (1, 2), copies of 1 (3 exact, 4 near), a copy of 2 (5),
 # mismatched captions (6, 7), an evaluation copy (8), a 404 (9), clean singletons (10, 11).

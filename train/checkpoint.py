@@ -19,9 +19,9 @@ import fsspec
 import numpy as np
 import torch
 
-from pipeline import config as config_io
-from pipeline.io import atomic_write, exists
-from pipeline.log import get_logger
+from pipeline.core import config as config_io
+from pipeline.core.io import atomic_write, exists
+from pipeline.core.log import get_logger
 from train.parallel import barrier
 
 log = get_logger(__name__)

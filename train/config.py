@@ -1,8 +1,8 @@
 """The trainer's configuration tree: ``TrainConfig`` and its sections.
 
-Loaded strictly by :mod:`pipeline.config` (unknown keys and wrong types raise, naming the
-key and file). ``model`` and ``objective`` are registry-dispatched: their keys are those of
-the ``Config`` dataclass of the registered entry named by ``name``. ``parallel`` is usually
+Loaded strictly by :mod:`pipeline.core.config` (unknown keys and wrong types raise, naming the
+key and file). ``model`` and ``objective`` are :class:`pipeline.core.config.Section` s: their keys
+are those of the ``Config`` dataclass of the registered entry named by ``name``. ``parallel`` is usually
 given as a file (``parallel: ../deepspeed/zero2.yaml``); the DeepSpeed JSON is generated
 from it in :mod:`train.parallel`.
 """
@@ -12,36 +12,22 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pipeline.registry import Registry
-
-
-def _dispatch(registry_name: str):
-    """``config_for(raw)`` for a section whose schema is the ``Config`` of ``registry[raw['name']]``."""
-
-    def config_for(cls, raw: dict) -> type:
-        from train import models, objectives  # noqa: F401  (fill the registries)
-        from train.registry import MODELS, OBJECTIVES
-
-        registry: Registry = {"model": MODELS, "objective": OBJECTIVES}[registry_name]
-        if "name" not in raw:
-            raise KeyError(f"needs a 'name', one of: {', '.join(registry.names())}")
-        return registry.get(raw["name"]).Config
-
-    return classmethod(config_for)
+from pipeline.core.config import Section
+from train.registry import MODELS, OBJECTIVES
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelSection:
-    """Placeholder schema: the loader replaces it by the named model's ``Config``."""
+class ModelSection(Section):
+    """The keys of the named model's ``Config``."""
 
-    name: str
-    config_for = _dispatch("model")
+    registry = MODELS
 
 
 @dataclasses.dataclass(kw_only=True)
-class ObjectiveSection:
-    name: str
-    config_for = _dispatch("objective")
+class ObjectiveSection(Section):
+    """The keys of the named objective's ``Config``."""
+
+    registry = OBJECTIVES
 
 
 @dataclasses.dataclass(kw_only=True)

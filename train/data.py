@@ -33,64 +33,16 @@ from typing import Callable, Iterator
 import torch
 import webdataset as wds
 from PIL import Image
-from torchvision.transforms import RandomResizedCrop as RandomResizedCropParams
-from torchvision.transforms import v2 as T
 
-from pipeline.io import exists, read_json
-from pipeline.log import get_logger
-from pipeline.registry import Registry
+from pipeline.core.io import exists, read_json
+from pipeline.core.log import get_logger
+from pipeline.core.shards import IMAGE_EXTENSIONS
 from train import tokenizers
 from train.config import DataConfig
 from train.contract import DataContract
+from train.transforms import TRANSFORMS
 
 log = get_logger(__name__)
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-TRANSFORMS: Registry = Registry("transform")
-
-
-# ---------------------------------------------------------------------------- transforms
-
-
-def _normalize(contract: DataContract) -> list:
-    return [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(contract.mean, contract.std)]
-
-
-def interpolation_mode(contract: DataContract) -> T.InterpolationMode:
-    return T.InterpolationMode(contract.interpolation)
-
-
-class RandomResizedCrop:
-    """torchvision's RandomResizedCrop as one PIL resize from a source box (no cropped copy)."""
-
-    def __init__(self, size: int, scale: tuple[float, float], interpolation: str):
-        self.size, self.scale = size, scale
-        self.resample = getattr(Image.Resampling, interpolation.upper())
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        top, left, height, width = RandomResizedCropParams.get_params(image, list(self.scale), [3 / 4, 4 / 3])
-        box = (left, top, left + width, top + height)
-        return image.resize((self.size, self.size), self.resample, box=box)
-
-
-@TRANSFORMS.register("clip_train")
-def clip_train(cfg: DataConfig, contract: DataContract) -> Callable[[Image.Image], dict]:
-    crop = RandomResizedCrop(contract.image_size, cfg.crop_scale, contract.interpolation)
-    transform = T.Compose([crop, *_normalize(contract)])
-    return lambda image: {"image": transform(image)}
-
-
-@TRANSFORMS.register("eval")
-def eval_transform(cfg: DataConfig | None, contract: DataContract) -> Callable[[Image.Image], dict]:
-    resize = T.Resize(contract.image_size, interpolation=interpolation_mode(contract))
-    transform = T.Compose([resize, T.CenterCrop(contract.image_size), *_normalize(contract)])
-    return lambda image: {"image": transform(image.convert("RGB"))}
-
-
-def _register_optional_transforms() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("train.transforms_ssl"):  # SimCLR / MoCo views, registered on import
-        importlib.import_module("train.transforms_ssl")
 
 
 # ---------------------------------------------------------------------------- shards
@@ -278,7 +230,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             self.num_samples = self.num_samples or count
         self.batches_per_stream = self.num_samples // (world * self.workers * cfg.batch_size)
         self._check()
-        _register_optional_transforms()
         self.transform = TRANSFORMS.build(cfg.transform, cfg, contract)
         self.tokenize = tokenizers.build(contract) if cfg.text else None  # once, before workers fork
         self.draft_size = math.ceil(contract.image_size / math.sqrt(cfg.crop_scale[0])) if cfg.draft else 0

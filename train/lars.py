@@ -16,9 +16,6 @@ from typing import Iterable
 
 import torch
 
-from train.config import OptimConfig
-from train.optim import OPTIMIZERS
-
 
 class LARS(torch.optim.Optimizer):
     def __init__(
@@ -68,7 +65,3 @@ class LARS(torch.optim.Optimizer):
         velocity.mul_(group["momentum"]).add_(update, alpha=lr)  # lr inside the velocity, as SimCLR does
         return velocity * group["momentum"] + update * lr if group["nesterov"] else velocity
 
-
-@OPTIMIZERS.register("lars")
-def lars(groups: list[dict], cfg: OptimConfig, device: torch.device) -> LARS:
-    return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.trust_coefficient)

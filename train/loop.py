@@ -2,8 +2,8 @@
 
 Per step: ``lr_at(step)``, the objective's ``start_step`` hook, ``grad_accum`` micro-steps
 (forward, ``engine.backward``, ``engine.step``), the finite check, ``end_step`` (temperature
-clamp, EMA), checkpoint, metrics. Objectives never see DeepSpeed; the engine never sees
-objective-specific code.
+clamp, EMA), checkpoint, metrics. The hooks are those of :class:`train.objective.Objective`.
+Objectives never see DeepSpeed; the engine never sees objective-specific code.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from pipeline import config as config_io
-from pipeline.log import get_logger, progress, setup_logging
+from pipeline.core import config as config_io
+from pipeline.core.log import get_logger, progress, setup_logging
 from train import checkpoint, metrics, optim, parallel
 from train.config import TrainConfig
 from train.data import TrainLoader
@@ -31,11 +31,8 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        import train.models  # noqa: F401  (fill the registries)
-        import train.objectives  # noqa: F401
-
         self.cfg = cfg
-        self.dist = parallel.init_distributed(cfg.run, cfg.parallel)
+        self.dist = parallel.init_distributed(cfg.run.device, cfg.parallel.timeout_min, cfg.parallel.master_port)
         setup_logging(cfg.log.level, self.dist.rank, self.dist.world)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = MODELS.build(cfg.model.name, cfg.model)
@@ -44,9 +41,9 @@ class Trainer:
         self.steps_per_epoch = self.loader.batches_per_epoch // cfg.parallel.grad_accum
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
         self.global_batch = cfg.data.batch_size * cfg.parallel.grad_accum * self.dist.world
-        if hasattr(self.objective, "check"):
-            self.objective.check(cfg.data.batch_size * self.dist.world, self.dist.world)
-        self.optimizer = optim.build_optimizer(self.objective, cfg.optim, self.dist.device)
+        self.objective.check(cfg.data.batch_size * self.dist.world, self.dist.world)
+        self.optimizer = optim.build_optimizer(self.objective, cfg.optim, self.dist.device,
+                                               self.objective.no_weight_decay())
         ds_config = parallel.deepspeed_config(cfg.parallel, cfg.run, cfg.data.batch_size, self.dist.world)
         self.engine = parallel.wrap(self.objective, self.optimizer, ds_config, cfg.parallel.activation_checkpointing)
         self.dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32
@@ -102,8 +99,7 @@ class Trainer:
 
     def train_step(self, batches, step: int) -> tuple[dict[str, torch.Tensor], float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns detached terms and data wait."""
-        if hasattr(self.objective, "start_step"):
-            self.objective.start_step(step, self.steps_per_epoch)
+        self.objective.start_step(step, self.steps_per_epoch)
         data_wait, terms = 0.0, {}
         for _ in range(self.cfg.parallel.grad_accum):
             start = time.perf_counter()
@@ -116,8 +112,7 @@ class Trainer:
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             for name, value in out.items():
                 terms[name] = terms.get(name, 0.0) + value.detach().float() / self.cfg.parallel.grad_accum
-        if hasattr(self.objective, "end_step"):
-            self.objective.end_step()
+        self.objective.end_step()
         return terms, data_wait
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import config
+from pipeline.core import config
 from train.config import TrainConfig
 from train.loop import Trainer
 

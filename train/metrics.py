@@ -13,8 +13,8 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from pipeline.io import is_local
-from pipeline.log import get_logger
+from pipeline.core.io import is_local
+from pipeline.core.log import get_logger
 from train.config import LogConfig
 
 log = get_logger(__name__)

@@ -9,17 +9,20 @@ scalars and the temperature (ndim < 2) and whatever the objective lists in
 from __future__ import annotations
 
 import math
+from typing import Collection
 
 import torch
 from torch import nn
 
-from pipeline.registry import Registry
+from pipeline.core.registry import Registry
 from train.config import OptimConfig, ScheduleConfig
+from train.lars import LARS
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """``[decay, no_decay]`` groups; each trainable parameter lands in exactly one of them."""
-    exempt = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set()
+def param_groups(module: nn.Module, weight_decay: float, exempt: Collection[str] = ()) -> list[dict]:
+    """``[decay, no_decay]`` groups; each trainable parameter lands in exactly one of them.
+    ``exempt`` names parameters that get no weight decay whatever their shape."""
+    exempt = set(exempt)
     unknown = exempt - {name for name, _ in module.named_parameters()}
     if unknown:
         raise ValueError(f"no_weight_decay() names parameters that do not exist: {sorted(unknown)}")
@@ -46,10 +49,14 @@ def sgd(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.opt
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)  # MoCo's recipe
 
 
-def build_optimizer(module: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    import train.lars  # noqa: F401  (registers "lars")
+@OPTIMIZERS.register("lars")
+def lars(groups: list[dict], cfg: OptimConfig, device: torch.device) -> LARS:
+    return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.trust_coefficient)
 
-    return OPTIMIZERS.build(cfg.name, param_groups(module, cfg.weight_decay), cfg, device)
+
+def build_optimizer(module: nn.Module, cfg: OptimConfig, device: torch.device,
+                    exempt: Collection[str] = ()) -> torch.optim.Optimizer:
+    return OPTIMIZERS.build(cfg.name, param_groups(module, cfg.weight_decay, exempt), cfg, device)
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, cfg: ScheduleConfig) -> float:

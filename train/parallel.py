@@ -2,7 +2,8 @@
 
 - :func:`dist_env` reads the launcher's environment (torchrun, srun or a plain process) into
   a :class:`DistEnv`; nothing else in the project reads these variables.
-- :func:`init_distributed` starts the process group (gloo on CPU, NCCL on GPU).
+- :func:`init_distributed` starts the process group (gloo on CPU, NCCL on GPU), for training
+  and evaluation alike.
 - :func:`wrap` generates the DeepSpeed config from the typed ``parallel`` section and returns
   the engine; :func:`consolidated_state_dict` turns any ZeRO checkpoint into one state dict.
 - :func:`local_shard` is how code outside forward/backward touches a parameter: under ZeRO-3
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 from train.config import ParallelConfig, RunConfig
 from train.momentum import Momentum
 
@@ -51,8 +52,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def dist_env(run: RunConfig, parallel: ParallelConfig) -> DistEnv:
-    """Rank and rendezvous from torchrun (RANK...), srun (SLURM_PROCID...) or a single process."""
+def dist_env(device: str, master_port: int = 29500) -> DistEnv:
+    """Rank and rendezvous from torchrun (RANK...), srun (SLURM_PROCID...) or a single process;
+    ``device`` "cuda" is this process's GPU (its local rank)."""
     env = os.environ
     if "RANK" in env:  # torchrun (also torchrun inside an srun step)
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
@@ -60,30 +62,37 @@ def dist_env(run: RunConfig, parallel: ParallelConfig) -> DistEnv:
     elif int(env.get("SLURM_NTASKS", "1")) > 1:  # one srun task per device
         rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env["SLURM_JOB_NODELIST"])
-        port = int(env.get("MASTER_PORT", parallel.master_port))
+        port = int(env.get("MASTER_PORT", master_port))
     else:  # one process: any free port, so concurrent single-process runs never collide
         rank, world, local, addr, port = 0, 1, 0, "127.0.0.1", free_port()
-    device = torch.device("cuda", local) if run.device == "cuda" else torch.device("cpu")
-    return DistEnv(rank=rank, world=world, local_rank=local, device=device, master_addr=addr, master_port=port)
+    torch_device = torch.device("cuda", local) if device.startswith("cuda") else torch.device("cpu")
+    return DistEnv(rank=rank, world=world, local_rank=local, device=torch_device, master_addr=addr, master_port=port)
 
 
-def init_distributed(run: RunConfig, parallel: ParallelConfig) -> DistEnv:
-    env = dist_env(run, parallel)
+def init_distributed(device: str, timeout_min: int = 30, master_port: int = 29500) -> DistEnv:
+    """Join (or, in a single process, form) the process group: NCCL on "cuda", gloo on "cpu"."""
+    env = dist_env(device, master_port)
     # DeepSpeed picks its accelerator at import; the config, not the machine, decides.
-    os.environ["DS_ACCELERATOR"] = "cuda" if run.device == "cuda" else "cpu"
+    os.environ["DS_ACCELERATOR"] = env.device.type
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
-    if run.device == "cuda":
+    if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world,
+                                timeout=datetime.timedelta(minutes=timeout_min))
+    return env
+
+
+def _deepspeed():
+    """The deepspeed module; it joins the process group :func:`init_distributed` formed."""
     import deepspeed
 
-    if run.device == "cpu":
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
         # DeepSpeed's CPU backend compiles (gcc, on first use) and maps a shared-memory all-reduce
         # that only its inference engine calls; training never does, so it is left unbuilt.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if run.device == "cuda" else "gloo", auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=parallel.timeout_min), verbose=False)
-    return env
+    return deepspeed
 
 
 def deepspeed_config(parallel: ParallelConfig, run: RunConfig, micro_batch: int, world: int) -> dict:
@@ -114,8 +123,7 @@ def deepspeed_config(parallel: ParallelConfig, run: RunConfig, micro_batch: int,
 
 def wrap(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, activation_checkpointing: bool):
     """The DeepSpeed engine around ``module`` (the objective, which holds the model)."""
-    import deepspeed
-
+    deepspeed = _deepspeed()
     if ds_config["zero_optimization"]["stage"] == 3 and any(isinstance(m, Momentum) for m in module.modules()):
         # An EMA copy reads whole online parameters every step; ZeRO-3 leaves each rank a partition
         # (and keeps small "persistent" ones whole besides), so the update would be silently partial.

@@ -1,9 +1,10 @@
 """The trainer's registries: a model or objective is a new file plus a ``register`` decorator.
 
-- ``MODELS``: name -> builder ``(cfg) -> nn.Module``; the model returns features, nothing else.
-- ``OBJECTIVES``: name -> builder of an ``nn.Module`` that owns the model and everything the
-  objective needs (losses, temperature, momentum encoders, queues) and whose ``forward(batch)``
-  returns a dict with ``loss`` plus named, detached-for-logging terms.
+- ``MODELS`` (every module of ``train/models/``): name -> builder ``(cfg) -> nn.Module``; the
+  model returns features, nothing else.
+- ``OBJECTIVES`` (every module of ``train/objectives/``): name -> builder of an
+  :class:`train.objective.Objective`, the ``nn.Module`` that owns the model and everything the
+  objective needs (losses, temperature, momentum encoders, queues).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-from pipeline.registry import Registry
+from pipeline.core.registry import Registry
 
-MODELS: Registry = Registry("model")
-OBJECTIVES: Registry = Registry("objective")
+MODELS: Registry = Registry("model", package="train.models")
+OBJECTIVES: Registry = Registry("objective", package="train.objectives")
 
 
 def register_variants(base: type, build: Callable[[Any], Any], variants: dict[str, dict[str, Any]]) -> None:

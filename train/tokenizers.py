@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.registry import Registry
+from pipeline.core.registry import Registry
 from train.contract import DataContract
 
 Tokenize = Callable[[list[str]], dict[str, torch.Tensor]]

@@ -5,9 +5,8 @@ every configured task; ``EvalConfig`` is its schema (``configs/eval/*.yaml``). T
 datasets are registries (``TASKS``, ``DATASETS``): a new one is a class plus a decorator.
 """
 
-from pipeline.evaluation import linear_probe, retrieval, zeroshot_classification  # noqa: F401  (register tasks)
 from pipeline.evaluation.datasets import DATASETS, EvalSet
 from pipeline.evaluation.runner import EvalConfig, run
-from pipeline.evaluation.tasks import TASKS
+from pipeline.evaluation.task import TASKS
 
 __all__ = ["DATASETS", "TASKS", "EvalConfig", "EvalSet", "run"]

@@ -23,28 +23,25 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from pipeline.registry import Registry
+from pipeline.core.config import Section
+from pipeline.core.registry import Registry
+from pipeline.core.shards import IMAGE_EXTENSIONS
 
 DATASETS: Registry = Registry("eval dataset")
 CLASSNAME_SETS: Registry = Registry("class name set")
 TEMPLATE_SETS: Registry = Registry("prompt template set")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 @dataclasses.dataclass(kw_only=True)
-class DatasetConfig:
-    name: str
+class DatasetConfig(Section):
+    """The keys of the named dataset's ``Config`` (a subclass of this one)."""
+
+    registry = DATASETS
     tag: str = ""  # the dataset's name in results and file names (default: `name`)
     start: int = 0  # skip the first N samples (e.g. the ones a test model was trained on)
     limit: int = 0  # evaluate only N samples from `start` (0: all of them)
     classnames: str | list[str] = ""  # a list, a built-in set (fashion_mnist, imagenet) or a file
     templates: str | list[str] = "plain"  # prompts with a "{c}" placeholder: list, set (openai_imagenet) or file
-
-    @classmethod
-    def config_for(cls, raw: dict) -> type:
-        if "name" not in raw:
-            raise KeyError(f"needs a 'name' (one of {', '.join(DATASETS.names())})")
-        return DATASETS.get(raw["name"]).Config
 
 
 # ---------------------------------------------------------------------------- sources
@@ -76,7 +73,7 @@ class WebDatasetShards:
     @dataclasses.dataclass(kw_only=True)
     class Config(DatasetConfig):
         urls: str  # brace pattern or path, e.g. /data/eval/{00000..00003}.tar
-        image_key: str = "jpg;jpeg;png;webp"
+        image_key: str = ";".join(IMAGE_EXTENSIONS)
         label_key: str = "cls"
         caption_key: str = "txt"  # one caption per line; several lines = several captions
 
@@ -127,7 +124,7 @@ class ImageFolder:
 
     def records(self) -> Iterator[dict]:
         for label, folder in enumerate(self.folders):
-            for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+            for path in sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS):
                 yield {"key": str(path.relative_to(self.cfg.root)), "image": path.read_bytes(), "label": label}
 
 

@@ -15,9 +15,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from pipeline.encoder import Encoder
+from train.encoder import Encoder
 from pipeline.evaluation.datasets import EvalSet
-from pipeline.log import get_logger, progress
+from pipeline.core.log import get_logger, progress
 from train.gather import all_gather_no_grad, world
 
 log = get_logger(__name__)
@@ -55,7 +55,7 @@ def gather_objects(local: list[Any]) -> list[Any]:
 
 
 @dataclasses.dataclass
-class Context:
+class EvalContext:
     """What a task gets: the model, the data, and cached, gathered image outputs."""
 
     encoder: Encoder
@@ -77,14 +77,11 @@ class Context:
         """``features`` (N, D) normalised, ``records`` (N dicts without images), and ``tokens``
         (N, T, W) for models with an ITM head; embedded once and shared by all tasks."""
         if self._images is None:
-            heads = {"features": self._image_features}
+            heads = {"features": self.encoder.embed_images}
             if hasattr(self.model, "itm_score"):
                 heads["tokens"] = lambda images: self.model.image_tokens(images).float()
             self._images = self._embed_images(heads)
         return self._images
-
-    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
 
     @torch.no_grad()
     def _embed_images(self, heads: dict[str, Callable]) -> dict[str, Any]:
@@ -128,7 +125,7 @@ class Context:
         for start in progress(range(0, len(mine), self.batch_size), desc="embed texts"):
             chunk = [texts[i] for i in mine[start : start + self.batch_size]]
             with self.autocast():
-                parts.append(torch.nn.functional.normalize(self.model.encode_text(**self.tokens(chunk)).float(), dim=-1))
+                parts.append(self.encoder.embed_texts(chunk))
         return gather_rows(_cat(parts, self.device), torch.tensor(mine, dtype=torch.long), len(texts)).cpu()
 
 

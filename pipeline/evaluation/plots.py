@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.io import atomic_write  # noqa: E402
+from pipeline.core.io import atomic_write  # noqa: E402
 
 TEMPERATURE_KEYS = ("logit_scale", "temp", "temperature")
 

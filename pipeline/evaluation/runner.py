@@ -16,14 +16,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import config
-from pipeline.encoder import Encoder, load_encoder
-from pipeline.evaluation import plots, report
+from pipeline.core import config
+from train.encoder import Encoder, load_encoder
+from pipeline.evaluation import plots, results_table
 from pipeline.evaluation.datasets import DatasetConfig, EvalSet
-from pipeline.evaluation.features import Context
-from pipeline.evaluation.tasks import TASKS, TaskConfig
-from pipeline.io import write_json
-from pipeline.log import get_logger
+from pipeline.evaluation.features import EvalContext
+from pipeline.evaluation.task import TASKS, TaskConfig
+from pipeline.core.io import write_json
+from pipeline.core.log import get_logger
 from train.gather import world
 
 log = get_logger(__name__)
@@ -99,7 +99,7 @@ def run(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
     """Evaluate ``encoder`` (default: loaded from ``cfg.checkpoint``) on every task; the results on every rank."""
     encoder = encoder or load_encoder(cfg.checkpoint, cfg.device)
     encoder.model.eval()  # a model handed over mid-training must not run dropout or update BN statistics
-    ctx = Context(encoder, EvalSet(cfg.dataset), cfg.device, cfg.precision, cfg.batch_size)
+    ctx = EvalContext(encoder, EvalSet(cfg.dataset), cfg.device, cfg.precision, cfg.batch_size)
     identity = model_identity(cfg, encoder)
     dataset = cfg.dataset.tag or cfg.dataset.name
     out = output_dir(cfg)
@@ -124,7 +124,7 @@ def run(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
 
 def _write_run_summary(cfg: EvalConfig, out: Path) -> None:
     """The merged table of every result in the folder, and the training curves of the run."""
-    report.write(report.collect([out]), out / "results")
+    results_table.write(results_table.collect([out]), out / "results")
     run_dir = run_dir_of(cfg.checkpoint)
     if cfg.plots and run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         plots.training_curves(run_dir / "metrics.jsonl", str(out / "training_curves.png"))

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline import build_shards, config
+from pipeline import build_shards
+from pipeline.core import config
 from pipeline.embedded import load_pool
 from pipeline.serve import serve_pool
 

@@ -17,7 +17,7 @@ from PIL import Image
 from filter.dedupe import LEVELS, Features
 from filter.near_dup import matching_pairs, thumbnail
 from filter.phash import phash
-from pipeline import config
+from pipeline.core import config
 from pipeline.build_shards import BuildConfig
 from pipeline.embedded import fashion_mnist_test, load_pool
 

@@ -6,8 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from filter.clip_score import ClipScore, ClipScoreConfig
-from pipeline.download import error_reason, task_range
-from pipeline.shards import Layout
+from pipeline.core.tasks import task_range
+from pipeline.download import error_reason
+from pipeline.core.shards import Layout
 from pipeline.sources import InputConfig, InputError, prepare
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import pil_to_tensor, resize
 
-from pipeline.encoder import Encoder
+from train.encoder import Encoder
 
 PALETTE = {
     "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),

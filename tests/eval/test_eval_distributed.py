@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from eval_models import projection_encoder
-from pipeline import config
+from pipeline.core import config
 from pipeline.evaluation import EvalConfig, run
 from train.parallel import free_port
 

@@ -10,9 +10,9 @@ import torch
 
 from eval_data import write_shard
 from eval_models import PALETTE, ProjectionWithOracleItm, palette_encoder, projection_encoder
-from pipeline import config
+from pipeline.core import config
 from pipeline.evaluation import EvalConfig, run
-from pipeline.evaluation.retrieval import rerank
+from pipeline.evaluation.tasks.retrieval import rerank
 
 COLOURS = list(PALETTE)
 
@@ -128,13 +128,13 @@ def test_a_corrupt_image_stops_with_its_name(tmp_path, colour_shards):
 
 
 def test_report_merges_runs_into_one_table(tmp_path, colour_folder, colour_shards):
-    from pipeline.evaluation import report
+    from pipeline.evaluation import results_table
 
     folder = {"name": "image_folder", "root": str(colour_folder)}
     run(_cfg(tmp_path / "a", folder, [{"name": "zeroshot_classification"}], plots=False), palette_encoder())
     run(_cfg(tmp_path / "b", {"name": "wds", "urls": colour_shards}, [{"name": "retrieval"}], plots=False),
         projection_encoder())
-    report.main([str(tmp_path / "a" / "out"), str(tmp_path / "b" / "out"), "--output", str(tmp_path / "all")])
+    results_table.main([str(tmp_path / "a" / "out"), str(tmp_path / "b" / "out"), "--output", str(tmp_path / "all")])
     lines = (tmp_path / "all.csv").read_text().splitlines()
     header = lines[0].split(",")
     assert header[:4] == ["model", "step", "dataset", "task"] and "acc1" in header and "mean_recall" in header

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import train.models  # noqa: F401  (fill the registries)
-import train.objectives  # noqa: F401
 from train.models.albef import local_model_dir
 from train.objectives.albef import hard_negatives, mask_tokens
 from train.optim import param_groups

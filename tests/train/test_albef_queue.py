@@ -16,8 +16,6 @@ CAPTIONS = ["a photo of a sneaker", "a photo of a bag", "a photo of a coat", "my
 
 
 def worker(out_dir: str) -> None:
-    import train.models  # noqa: F401
-    import train.objectives  # noqa: F401
     from train.registry import MODELS, OBJECTIVES
     from train.tokenizers import build as build_tokenizer
 

@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import config
-from pipeline.config import ConfigError
-import train.models  # noqa: F401  (fill MODELS for parametrization)
+from pipeline.core import config
+from pipeline.core.config import ConfigError
 from train.config import ParallelConfig, TrainConfig
 from train.parallel import deepspeed_config
 from train.registry import MODELS

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 from train import parallel
 from train.momentum import Momentum
 

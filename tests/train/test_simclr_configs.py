@@ -6,12 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import config
+from pipeline.core import config
 from train.batchnorm import GlobalBatchNorm
-import train.transforms_ssl  # noqa: F401  (registers the simclr and moco_v2 transforms)
 from train.config import TrainConfig
-from train.data import TRANSFORMS
 from train.registry import MODELS, OBJECTIVES
+from train.transforms import TRANSFORMS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SSL_CONFIGS = sorted((CONFIGS / "simclr").glob("*.yaml")) + sorted((CONFIGS / "moco").glob("*.yaml"))

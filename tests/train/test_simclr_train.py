@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 
-from pipeline import config
-from pipeline.encoder import Encoder, load_encoder
+from pipeline.core import config
+from train.encoder import Encoder, load_encoder
 from pipeline.evaluation.datasets import DATASETS, EvalSet
-from pipeline.evaluation.features import Context
-from pipeline.evaluation.linear_probe import LinearProbe
+from pipeline.evaluation.features import EvalContext
+from pipeline.evaluation.tasks.linear_probe import LinearProbe
 from train.config import TrainConfig
 from train.registry import MODELS
 
@@ -48,7 +48,7 @@ def test_simclr_training_on_two_ranks_lowers_the_loss(simclr_run):
 def probe_accuracy(encoder: Encoder) -> float:
     dataset = DATASETS.get("fashion_mnist_test").Config(name="fashion_mnist_test", limit=600)
     probe = LinearProbe(LinearProbe.Config(name="linear_probe", max_iter=300))
-    return probe.run(Context(encoder=encoder, data=EvalSet(dataset), batch_size=200)).metrics["lp_acc1"]
+    return probe.run(EvalContext(encoder=encoder, data=EvalSet(dataset), batch_size=200)).metrics["lp_acc1"]
 
 
 @pytest.mark.slow

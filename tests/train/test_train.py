@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.encoder import load_encoder
+from train.encoder import load_encoder
 from train_runs import cached_runs, kill_one_rank_at_checkpoint
 
 pytestmark = pytest.mark.slow

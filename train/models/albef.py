@@ -23,8 +23,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from train.contract import DataContract
-from train.models.clip import image_tower
+from train.models.towers import timm_tower
 from train.registry import register_variants
+
 
 def local_model_dir(spec: str) -> str:
     """A local model directory, or ``pkg:MODULE`` for a pip-installed model package that exposes
@@ -64,7 +65,6 @@ class ALBEFConfig:
 
     def contract(self) -> DataContract:
         return DataContract(image_size=self.image_size, tokenizer="hf",  # CLIP mean/std, as ALBEF
-                           
                             tokenizer_path=local_model_dir(self.bert_path), context_length=self.context_length)
 
 
@@ -184,7 +184,7 @@ def _bert_init(module: nn.Module) -> None:
 class ALBEF(nn.Module):
     def __init__(self, cfg: ALBEFConfig):
         super().__init__()
-        self.visual = image_tower(cfg)
+        self.visual = timm_tower(cfg.image_tower, cfg.image_tower_args, cfg.image_weights)
         image_width = self.visual.num_features
         self.embeddings = Embeddings(cfg)
         self.text_layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.text_layers))

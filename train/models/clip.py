@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.registry import Registry
+from pipeline.core.registry import Registry
 from train.contract import DataContract
+from train.models.towers import timm_tower
 from train.registry import register_variants
 
 TEXT_TOWERS: Registry = Registry("text tower")
@@ -104,18 +104,10 @@ def _hf(cfg: ClipConfig) -> nn.Module:
     return HFTextEncoder(cfg)
 
 
-def image_tower(cfg: ClipConfig) -> nn.Module:
-    """A timm backbone returning pooled features (no classifier), random init or local weights."""
-    kwargs = dict(cfg.image_tower_args)
-    if cfg.image_weights:
-        kwargs["pretrained_cfg_overlay"] = dict(file=cfg.image_weights)
-    return timm.create_model(cfg.image_tower, pretrained=bool(cfg.image_weights), num_classes=0, **kwargs)
-
-
 class CLIP(nn.Module):
     def __init__(self, cfg: ClipConfig):
         super().__init__()
-        self.visual = image_tower(cfg)
+        self.visual = timm_tower(cfg.image_tower, cfg.image_tower_args, cfg.image_weights)
         self.text = TEXT_TOWERS.build(cfg.text_tower, cfg)
         self.image_projection = nn.Linear(self.visual.num_features, cfg.embed_dim, bias=False)
         self.text_projection = nn.Linear(self.text.width, cfg.embed_dim, bias=False)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
 from train.batchnorm import convert_global_batchnorm
 from train.contract import DataContract
+from train.models.towers import timm_tower
 from train.registry import MODELS
 
 
@@ -50,8 +50,7 @@ class SSLEncoder(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        local = dict(pretrained=True, pretrained_cfg_overlay=dict(file=cfg.pretrained_path)) if cfg.pretrained_path else {}
-        self.backbone = timm.create_model(cfg.backbone, num_classes=0, **local, **cfg.backbone_args)
+        self.backbone = timm_tower(cfg.backbone, cfg.backbone_args, cfg.pretrained_path)
         if cfg.sync_bn:
             convert_global_batchnorm(self.backbone)
         self.head = projection_head(self.backbone.num_features, cfg.head_hidden_dim, cfg.head_dim, cfg.head_layers)

@@ -1,7 +1,1 @@
-"""Objectives; importing this package registers every module in it with ``OBJECTIVES``."""
-
-import importlib
-import pkgutil
-
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+"""Objectives; each module registers its objective in ``train.registry.OBJECTIVES``."""

@@ -27,6 +27,7 @@ from torch import nn
 
 from train.gather import all_gather_no_grad, all_gather_with_grad, world
 from train.momentum import Momentum
+from train.objective import Objective
 from train.parallel import local_shard
 from train.queue import FeatureQueue
 from train.registry import OBJECTIVES
@@ -64,7 +65,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 @OBJECTIVES.register("albef")
-class ALBEFObjective(nn.Module):
+class ALBEFObjective(nn.Module, Objective):
     @dataclasses.dataclass(kw_only=True)
     class Config:
         name: str = "albef"
@@ -99,9 +100,6 @@ class ALBEFObjective(nn.Module):
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, model.mlm_head.bias.numel()
         self.register_buffer("special_ids", torch.tensor(tokenizer.all_special_ids), persistent=False)
         self.alpha, self.step = cfg.alpha, 0
-
-    def check(self, global_batch: int, world_size: int) -> None:
-        self.queue.check(global_batch)
 
     def start_step(self, step: int, steps_per_epoch: int) -> None:
         self.step = step

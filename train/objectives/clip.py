@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.gather import all_gather_with_grad, world
+from train.objective import Objective
 from train.parallel import local_shard
 from train.registry import OBJECTIVES
 
@@ -94,7 +95,7 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 
 
 @OBJECTIVES.register("clip")
-class CLIPObjective(nn.Module):
+class CLIPObjective(nn.Module, Objective):
     @dataclasses.dataclass(kw_only=True)
     class Config:
         name: str = "clip"

@@ -16,6 +16,7 @@ from torch import nn
 
 from train.gather import all_gather_no_grad, world
 from train.momentum import Momentum
+from train.objective import Objective
 from train.queue import FeatureQueue
 from train.registry import OBJECTIVES
 
@@ -42,7 +43,7 @@ def shuffled_forward(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @OBJECTIVES.register("moco_v2")
-class MoCo(nn.Module):
+class MoCo(nn.Module, Objective):
     @dataclasses.dataclass(kw_only=True)
     class Config:
         name: str = "moco_v2"
@@ -64,9 +65,6 @@ class MoCo(nn.Module):
         self.queue = FeatureQueue(cfg.queue_size, key=model.head_dim)
         self.temperature = cfg.temperature
         self.shuffle_bn = cfg.shuffle_bn
-
-    def check(self, global_batch: int, world_size: int) -> None:
-        self.queue.check(global_batch)
 
     def end_step(self) -> None:
         self.key_encoder.update()  # after the optimizer step, as MoCo updates before the next keys

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.gather import all_gather_with_grad, world
+from train.objective import Objective
 from train.registry import OBJECTIVES
 
 
@@ -38,7 +39,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 
 @OBJECTIVES.register("simclr")
-class SimCLR(nn.Module):
+class SimCLR(nn.Module, Objective):
     @dataclasses.dataclass(kw_only=True)
     class Config:
         name: str = "simclr"

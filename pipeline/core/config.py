@@ -13,9 +13,11 @@ YAML stays data:
   file holding that section (``parallel: ../deepspeed/zero2.yaml``), relative to the file,
   then to ``configs/``. An override can swap it (``parallel=deepspeed/zero3.yaml``).
 - A dataclass may define ``validate(self)`` for cross-field checks; it runs after loading.
-- A section whose keys depend on a registry entry (``model: {name: clip_vit, ...}``) uses a
-  schema class with a ``config_for(raw) -> dataclass type`` classmethod; the entry's own
-  dataclass is then loaded as strictly as any other.
+- A section whose keys depend on a registry entry is dispatched by name, one way for every
+  registry: a :class:`Section` subclass (``model: {name: clip_vit_b32, ...}``, a list of
+  ``tasks``) takes the name from its ``name`` key; :func:`with_sections` gives a schema one
+  section per registered entry, named after it (the curation steps' ``clip_score: {...}``).
+  Either way the entry's own ``Config`` is loaded as strictly as any other schema.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from pipeline.core.io import atomic_write
+from pipeline.core.registry import Registry
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 T = TypeVar("T")
 _CLI = "the command line"
 
@@ -71,8 +76,6 @@ def dump(cfg: Any) -> str:
 
 def save(cfg: Any, path: str | Path) -> None:
     """Write the fully resolved config, atomically, so that the run can be repeated."""
-    from pipeline.io import atomic_write
-
     with atomic_write(str(path), "w") as f:
         f.write(dump(cfg))
 
@@ -90,6 +93,42 @@ def from_args(schema: type[T], args: argparse.Namespace, extra: dict[str, Any] |
         if value is not None:
             overrides.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
     return load(schema, args.config, overrides)
+
+
+# ---------------------------------------------------------------------------- sections dispatched by name
+
+
+@dataclasses.dataclass(kw_only=True)
+class Section:
+    """A section whose schema is the ``Config`` of the ``registry`` entry its ``name`` key picks.
+
+    Subclass it with ``registry = SOME_REGISTRY``; the entry's ``Config`` (which may or may not
+    derive from the subclass) is then what the loader builds."""
+
+    name: str
+    registry: ClassVar[Registry]
+
+
+def with_sections(name: str, base: type, registry: Registry) -> type:
+    """Schema ``name``: ``base`` plus one section per entry of ``registry``, named after it and
+    typed by its ``Config`` (with that Config's defaults): a new entry needs no edit of ``base``.
+    Assign it to ``name`` in ``base``'s module (so that it pickles)."""
+    fields = [(entry, registry.config(entry), dataclasses.field(default_factory=registry.config(entry)))
+              for entry in registry.names()]
+    schema = dataclasses.make_dataclass(name, fields, bases=(base,), kw_only=True)
+    schema.__module__, schema.__doc__ = base.__module__, base.__doc__
+    return schema
+
+
+def _dispatch(schema: type, raw: dict, where: str) -> type:
+    """The schema of a :class:`Section`: its registry entry's ``Config``."""
+    registry = schema.registry
+    if "name" not in raw:
+        raise ConfigError(f"{where}: needs a 'name', one of: {', '.join(registry.names())}")
+    try:
+        return registry.config(raw["name"])
+    except KeyError as err:
+        raise ConfigError(f"{where}: {err.args[0]}") from None
 
 
 # ---------------------------------------------------------------------------- YAML files
@@ -186,11 +225,8 @@ def _build(schema: type, raw: Any, prefix: str, origin: dict[str, str], base_dir
         origin = {**origin, **{k: v for k, v in from_file.items() if origin.get(k) != _CLI}}
         origin[file_key] = str(path)
         raw, base_dir = included, path.parent
-    if hasattr(schema, "config_for"):  # a registry-dispatched section: its keys depend on its `name`
-        try:
-            schema = schema.config_for(raw)
-        except KeyError as err:
-            raise ConfigError(f"{where!r} in {_source(origin, prefix.rstrip('.'))}: {err.args[0]}") from None
+    if isinstance(schema, type) and issubclass(schema, Section):  # its keys depend on its `name`
+        schema = _dispatch(schema, raw, f"{where!r} in {_source(origin, prefix.rstrip('.'))}")
     fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
     hints = typing.get_type_hints(schema)
     for key in raw:

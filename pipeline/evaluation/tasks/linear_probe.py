@@ -17,10 +17,10 @@ from sklearn.linear_model import LogisticRegression
 
 from pipeline.evaluation import metrics, plots
 from pipeline.evaluation.datasets import DatasetConfig, EvalSet
-from pipeline.evaluation.features import Context
-from pipeline.evaluation.tasks import TASKS, TaskConfig, TaskResult
-from pipeline.evaluation.zeroshot_classification import labels_of
-from pipeline.log import get_logger
+from pipeline.evaluation.features import EvalContext
+from pipeline.evaluation.task import TASKS, TaskConfig, TaskResult
+from pipeline.evaluation.tasks.zeroshot_classification import labels_of
+from pipeline.core.log import get_logger
 
 log = get_logger(__name__)
 
@@ -70,8 +70,8 @@ class LinearProbe:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def _features(self, ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        def of(context: Context) -> tuple[np.ndarray, np.ndarray]:
+    def _features(self, ctx: EvalContext) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        def of(context: EvalContext) -> tuple[np.ndarray, np.ndarray]:
             images = context.images()
             return images["features"].numpy(), labels_of(images["records"], context.data.cfg.name).numpy()
 
@@ -84,7 +84,7 @@ class LinearProbe:
         train_idx, val_idx = split(len(fit_y), 1.0 - self.cfg.val_fraction, self.cfg.seed)
         return {"train": (fit_x[train_idx], fit_y[train_idx]), "val": (fit_x[val_idx], fit_y[val_idx]), "test": test}
 
-    def run(self, ctx: Context) -> TaskResult:
+    def run(self, ctx: EvalContext) -> TaskResult:
         data = self._features(ctx)
         c, val_acc = choose_c(data["train"], data["val"], self.cfg.max_iter)
         train_x = np.concatenate([data["train"][0], data["val"][0]])

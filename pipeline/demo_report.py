@@ -26,8 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.io import read_json, write_json  # noqa: E402
-from pipeline.log import get_logger  # noqa: E402
+from pipeline.core.io import read_json, write_json  # noqa: E402
+from pipeline.core.log import get_logger  # noqa: E402
 
 log = get_logger(__name__)
 # The order rows meet the steps in (build_shards: prepare, download, then the configured steps).
@@ -158,13 +158,11 @@ def check_goals(goals, numbers: dict) -> list[tuple[str, str, str, bool | None]]
     ]
 
 
-def _markdown(timings: dict, numbers: dict, goal_rows: list, not_built: list[str], figures: list[str]) -> str:
+def _markdown(timings: dict, numbers: dict, goal_rows: list, figures: list[str]) -> str:
     lines = ["# Demo report", "", "## Goals", "", "| goal | target | measured | met |", "|---|---|---|---|"]
     lines += [f"| {g} | {t} | {m} | {'-' if ok is None else 'yes' if ok else 'NO'} |" for g, t, m, ok in goal_rows]
-    if not_built:
-        lines += ["", f"Not built yet: {', '.join(not_built)}."]
     lines += ["", "## Stages", "", "| stage | wall time (s) |", "|---|---|"]
-    lines += [f"| {name} | {'not run' if s is None else f'{s:.0f}'} |" for name, s in timings.items()]
+    lines += [f"| {name} | {s:.0f} |" for name, s in timings.items()]
     if "stats" in numbers:
         dropped = numbers["stats"]["dropped"]
         lines += ["", "## Curation funnel", "", f"{numbers['stats']['input_rows']} input rows, "
@@ -181,7 +179,7 @@ def _markdown(timings: dict, numbers: dict, goal_rows: list, not_built: list[str
     return "\n".join(lines) + "\n"
 
 
-def write_report(paths: dict[str, Path], goals, timings: dict[str, float | None], not_built: list[str]) -> dict:
+def write_report(paths: dict[str, Path], goals, timings: dict[str, float]) -> dict:
     """Write ``paths["report"]``; return the numbers, the goal rows and the printable text."""
     out = paths["report"]
     out.mkdir(parents=True, exist_ok=True)
@@ -201,9 +199,8 @@ def write_report(paths: dict[str, Path], goals, timings: dict[str, float | None]
         figures.append(png.name)
     goal_rows = check_goals(goals, numbers)
     goals_met = all(ok for *_, ok in goal_rows)
-    (out / "README.md").write_text(_markdown(timings, numbers, goal_rows, not_built, figures))
+    (out / "README.md").write_text(_markdown(timings, numbers, goal_rows, figures))
     write_json(str(out / "summary.json"), {"numbers": numbers, "timings": timings, "goals": goal_rows})
     table = "\n".join(f"  {'ok ' if ok else '-- ' if ok is None else 'NO '} {g}: {m} (goal {t})" for g, t, m, ok in goal_rows)
-    text = f"Demo goals:\n{table}\n" + (f"Not built yet: {', '.join(not_built)}\n" if not_built else "")
-    text += f"Report: {out / 'README.md'}"
-    return {"numbers": numbers, "goals": goal_rows, "goals_met": goals_met, "not_built": not_built, "text": text}
+    text = f"Demo goals:\n{table}\nReport: {out / 'README.md'}"
+    return {"numbers": numbers, "goals": goal_rows, "goals_met": goals_met, "text": text}

@@ -11,11 +11,11 @@ import dataclasses
 import torch
 
 from pipeline.evaluation import metrics, plots
-from pipeline.evaluation.features import Context
-from pipeline.evaluation.tasks import TASKS, TaskConfig, TaskResult
+from pipeline.evaluation.features import EvalContext
+from pipeline.evaluation.task import TASKS, TaskConfig, TaskResult
 
 
-def classifier(ctx: Context, classnames: list[str], templates: list[str]) -> torch.Tensor:
+def classifier(ctx: EvalContext, classnames: list[str], templates: list[str]) -> torch.Tensor:
     """(C, D) class weights from the C x T prompts."""
     prompts = [template.format(c=name) for name in classnames for template in templates]
     text = ctx.text_features(prompts).view(len(classnames), len(templates), -1)  # (C, T, D)
@@ -37,7 +37,7 @@ class ZeroShotClassification:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def run(self, ctx: Context) -> TaskResult:
+    def run(self, ctx: EvalContext) -> TaskResult:
         if not hasattr(ctx.model, "encode_text"):
             raise ValueError(f"{ctx.encoder.name} has no text tower: zero-shot classification needs one")
         classnames = ctx.data.classnames

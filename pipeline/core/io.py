@@ -1,4 +1,4 @@
-"""File helpers shared by every stage: fsspec paths and atomic writes."""
+"""File helpers shared by every stage: fsspec paths, atomic writes, JSON and parquet."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import uuid
 from typing import Any, Iterator
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def is_local(path: str) -> bool:
@@ -55,3 +57,13 @@ def read_json(path: str) -> Any:
 def exists(path: str) -> bool:
     fs, p = fsspec.core.url_to_fs(str(path))
     return fs.exists(p)
+
+
+def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    with fsspec.open(str(path), "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def write_parquet(path: str, table: pa.Table) -> None:
+    with atomic_write(path) as f:
+        pq.write_table(table, f)

@@ -1,6 +1,6 @@
 """Merge evaluation JSON files into one CSV and one markdown table.
 
-    python -m pipeline.evaluation.report RUN_DIR/eval OTHER_RUN/eval ... --output results
+    python -m pipeline.evaluation.results_table RUN_DIR/eval OTHER_RUN/eval ... --output results
 
 writes ``results.csv`` and ``results.md``: one row per (model, dataset, task), one column
 per metric (the union over rows; empty where a task does not report it).
@@ -14,7 +14,7 @@ import io
 import math
 from pathlib import Path
 
-from pipeline.io import atomic_write, read_json
+from pipeline.core.io import atomic_write, read_json
 
 FIXED = ["model", "step", "dataset", "task"]
 

@@ -1,4 +1,4 @@
-"""Where every stage of the data pipeline reads and writes, and the shard readers/writers.
+"""Where every stage of the data pipeline reads and writes, and the shard readers and writers.
 
     OUT/input/{part}.parquet        prepared rows of the URL list (pipeline.sources)
     OUT/download/{part}.tar|.parquet|_stats.json   img2dataset's output, one shard per part;
@@ -17,12 +17,12 @@ import json
 import tarfile
 from typing import Iterable, Iterator
 
-import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 import webdataset as wds
 
-from pipeline.io import atomic_write, exists
+from pipeline.core.io import atomic_write
+
+# Image members of a sample, by extension, in the order a reader looks for them (every stage).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 
 class Layout:
@@ -53,23 +53,7 @@ class Layout:
         return f"{self.root}/{name}"
 
 
-def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
-    with fsspec.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
-
-
-def write_parquet(path: str, table: pa.Table) -> None:
-    with atomic_write(path) as f:
-        pq.write_table(table, f)
-
-
-def done(path: str) -> bool:
-    return exists(path)
-
-
 # ---------------------------------------------------------------------------- samples
-
-IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
 
 
 def samples(tar_path: str, handler=wds.reraise_exception) -> Iterator[dict]:
@@ -84,7 +68,7 @@ def samples(tar_path: str, handler=wds.reraise_exception) -> Iterator[dict]:
 
 def _as_sample(raw: dict) -> dict:
     meta = json.loads(raw["json"])
-    image = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
+    image = next((raw[k] for k in IMAGE_EXTENSIONS if k in raw), None)
     return {"row": int(meta["row"]), "uid": meta["uid"], "image": image, "caption": raw.get("txt", b"").decode("utf-8"),
             "meta": meta, "key": raw["__key__"]}
 

@@ -15,9 +15,9 @@ from typing import Callable, Literal
 import torch
 
 from pipeline.evaluation import metrics, plots
-from pipeline.evaluation.features import Context, gather_rows
-from pipeline.evaluation.tasks import TASKS, TaskConfig, TaskResult
-from pipeline.log import progress
+from pipeline.evaluation.features import EvalContext, gather_rows
+from pipeline.evaluation.task import TASKS, TaskConfig, TaskResult
+from pipeline.core.log import progress
 from train.gather import world
 
 
@@ -65,7 +65,7 @@ class Retrieval:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def run(self, ctx: Context) -> TaskResult:
+    def run(self, ctx: EvalContext) -> TaskResult:
         images = ctx.images()
         captions, owner = captions_of(images["records"], ctx.data.cfg.name)
         i2t = images["features"] @ ctx.text_features(captions).T  # (I, T) ITC similarity
@@ -84,7 +84,7 @@ class Retrieval:
 
     @torch.no_grad()
     def _rerank(
-        self, ctx: Context, sim: torch.Tensor, captions: list[str], tokens: torch.Tensor
+        self, ctx: EvalContext, sim: torch.Tensor, captions: list[str], tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(I, T) ITC similarity -> (I, T) image->text and (T, I) text->image reranked scores."""
         text = {k: v.cpu() for k, v in ctx.tokens(captions).items()}

@@ -1,0 +1,1 @@
+"""Evaluation tasks; each module registers its task in ``pipeline.evaluation.task.TASKS``."""
