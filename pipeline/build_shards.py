@@ -33,6 +33,7 @@ from pipeline.core.io import exists, read_json, read_parquet, write_parquet
 from pipeline.core.log import get_logger, setup_logging
 from pipeline.core.shards import Layout, alive, samples
 from pipeline.core.tasks import task_range
+from pipeline.core.errors import run_command
 from pipeline.download import DownloadConfig, download, extra_columns
 from pipeline.manifest import build_manifest
 from pipeline.sources import InputConfig, prepare
@@ -224,4 +225,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

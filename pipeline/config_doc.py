@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 
 from pipeline.core.config import Section
+from pipeline.core.errors import run_command
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- section:config-reference -->", "<!-- /section:config-reference -->"
@@ -150,4 +151,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from pipeline.core import config
 from pipeline.core.io import read_json, write_json
 from pipeline.core.log import get_logger, setup_logging
+from pipeline.core.errors import run_command
 from pipeline.demo_report import write_report
 from pipeline.serve import serve_pool
 
@@ -171,4 +172,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

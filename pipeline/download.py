@@ -25,6 +25,7 @@ from pipeline.core.io import exists
 from pipeline.core.log import get_logger, setup_logging
 from pipeline.core.shards import Layout
 from pipeline.core.tasks import task_range
+from pipeline.core.errors import run_command
 from pipeline.sources import INTERNAL, InputConfig, prepare
 
 log = get_logger(__name__)
@@ -136,4 +137,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

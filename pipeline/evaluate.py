@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from pipeline.core import config
 from pipeline.core.log import setup_logging
+from pipeline.core.errors import run_command
 from pipeline.evaluation import EvalConfig, run
 from train.encoder import Encoder
 from train.gather import world
@@ -54,4 +55,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

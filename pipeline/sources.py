@@ -22,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from pipeline.core.errors import UserError
 from pipeline.core.io import atomic_write, exists, read_json, write_json
 from pipeline.core.log import get_logger, progress
 
@@ -31,7 +32,7 @@ INTERNAL = ("row", "uid", "url", "caption", "reject", "fetch_url")  # columns th
 _UID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The URL list cannot be used (schema or read problem); raised before any work."""
 
 

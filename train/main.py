@@ -7,9 +7,9 @@ The same command runs as a single process (``python -m train.main ...``) and und
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pipeline.core import config
+from pipeline.core.errors import run_command
 from train.config import TrainConfig
 from train.loop import Trainer
 
@@ -27,4 +27,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -33,6 +33,7 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from pipeline.core.errors import UserError
 from pipeline.core.io import atomic_write
 from pipeline.core.registry import Registry
 
@@ -42,7 +43,7 @@ T = TypeVar("T")
 _CLI = "the command line"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the key and its source."""
 
 

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from pipeline.core.io import atomic_write, read_json
+from pipeline.core.errors import UserError, run_command
 
 FIXED = ["model", "step", "dataset", "task"]
 
@@ -78,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = collect(args.paths)
     if not rows:
-        raise SystemExit(f"no evaluation results found in {', '.join(args.paths)}")
+        raise UserError(f"no evaluation results found in {', '.join(args.paths)} (give result JSON files or folders holding them)")
     print("\n".join(write(rows, args.output)))
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
