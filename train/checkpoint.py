@@ -63,9 +63,8 @@ class Checkpointer:
     def __init__(self, folder: str, every: int, keep_last: int, rank: int, cfg):
         self.folder, self.every, self.keep_last, self.rank, self.cfg = folder.rstrip("/"), every, keep_last, rank, cfg
 
-    def maybe_save(self, engine, step: int, last: bool, trainer_state: dict) -> None:
-        if last or (self.every and step % self.every == 0):
-            self.save(engine, step, trainer_state)
+    def due(self, step: int, last: bool) -> bool:
+        return last or bool(self.every and step % self.every == 0)
 
     def save(self, engine, step: int, trainer_state: dict) -> None:
         tag = tag_for(step)

@@ -70,8 +70,13 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
+# Every reason a sample can be skipped, in a fixed order: the metrics reduce one count per reason
+# over the ranks, and a collective must have the same shape on every rank whatever its data was.
+SKIP_REASONS = ("truncated_tar", "missing_image", "missing_caption", "decode_bomb", "corrupt_image")
+
+
 class SkipCounter:
-    """Counts skipped input by reason."""
+    """Counts skipped input by reason (one of :data:`SKIP_REASONS`)."""
 
     def __init__(self, counts: dict[str, int] | None = None, muted: bool = False):
         self.counts: collections.Counter = collections.Counter(counts or {})
@@ -79,6 +84,7 @@ class SkipCounter:
         self.read = 0  # raw samples read, to notice shards that hold none
 
     def skip(self, reason: str) -> None:
+        assert reason in SKIP_REASONS, reason
         if not self.muted:
             self.counts[reason] += 1
 
@@ -329,8 +335,9 @@ class TrainLoader:
         return total
 
     def skipped(self) -> dict[str, int]:
-        """Skipped input so far, by reason (all epochs, this rank)."""
-        return dict(self.skips_before + self.skips_this_epoch())
+        """Skipped input so far, for every reason in :data:`SKIP_REASONS` (all epochs, this rank)."""
+        counts = self.skips_before + self.skips_this_epoch()
+        return {reason: counts[reason] for reason in SKIP_REASONS}
 
     def state_dict(self) -> dict:
         return copy.deepcopy({"epoch": self.epoch, "streams": self.streams, "skips_before": dict(self.skips_before)})

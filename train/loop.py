@@ -1,8 +1,8 @@
 """The trainer: components built from the config, then nanoGPT's loop order.
 
 Per step: ``lr_at(step)``, the objective's ``start_step`` hook, ``grad_accum`` micro-steps
-(forward, ``engine.backward``, ``engine.step``), the finite check, ``end_step`` (temperature
-clamp, EMA), checkpoint, metrics. The hooks are those of :class:`train.objective.Objective`.
+(forward, ``engine.backward``, ``engine.step``), ``end_step`` (temperature clamp, EMA), then
+at logging and checkpoint steps only the finite check, metrics and checkpoint. The hooks are those of :class:`train.objective.Objective`.
 Objectives never see DeepSpeed; the engine never sees objective-specific code.
 """
 
@@ -56,6 +56,7 @@ class Trainer:
         self.metrics = metrics.Metrics(cfg.log, run_dir, cfg.run.log_every, self.dist.rank, self.dist.world,
                                        self.dist.device, config_io.to_dict(cfg))
         self.step = 0
+        self.finite = torch.ones((), dtype=torch.bool, device=self.dist.device)  # every loss since the last check
         torch.manual_seed(cfg.run.seed + self.dist.rank)  # per-rank randomness (dropout) from here on
         log.info("global batch %d = %d x %d accum x %d ranks; %d steps (%d per epoch)", self.global_batch,
                  cfg.data.batch_size, cfg.parallel.grad_accum, self.dist.world, self.total_steps,
@@ -93,9 +94,13 @@ class Trainer:
             self.step = step + 1
             last = self.step == self.total_steps
             self.metrics.update(out, self.global_batch // self.dist.world, data_wait)
-            if self.metrics.should_log(self.step, last):  # before the checkpoint, so a resume never lacks a record
+            log_now, save_now = self.metrics.should_log(self.step, last), self.checkpointer.due(self.step, last)
+            if log_now or save_now:
+                self.check_finite()
+            if log_now:  # before the checkpoint, so a resume never lacks a record
                 self.metrics.log(self.step, self.loader.epoch, lr, self.loader.skipped())
-            self.checkpointer.maybe_save(self.engine, self.step, last, self.state_dict())
+            if save_now:
+                self.checkpointer.save(self.engine, self.step, self.state_dict())
 
     def train_step(self, batches, step: int) -> tuple[dict[str, torch.Tensor], float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns detached terms and data wait."""
@@ -106,14 +111,21 @@ class Trainer:
             batch = to_device(next(batches), self.dist.device, self.dtype)
             data_wait += time.perf_counter() - start
             out = self.engine(batch)
-            if not parallel.all_finite(out["loss"]):
-                raise FloatingPointError(f"non-finite loss at step {step}: {out['loss'].item()}")
+            self.finite &= torch.isfinite(out["loss"].detach())
             self.engine.backward(out["loss"])
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             for name, value in out.items():
                 terms[name] = terms.get(name, 0.0) + value.detach().float() / self.cfg.parallel.grad_accum
         self.objective.end_step()
         return terms, data_wait
+
+    def check_finite(self) -> None:
+        """Raise if any rank's loss was non-finite since the last check. Checked only where the host
+        syncs anyway (logging, checkpoints), so a NaN is never saved and the GPU is never waited for."""
+        if not parallel.all_ranks(self.finite):
+            raise FloatingPointError(
+                f"non-finite loss on some rank before step {self.step}; nothing after the last checkpoint was "
+                "saved: resume from it with a lower optim.lr or parallel.grad_clip > 0")
 
     def close(self) -> None:
         self.metrics.close()

@@ -20,12 +20,15 @@ from train.config import LogConfig
 log = get_logger(__name__)
 
 
-def _reduce(values: dict[str, float], op: dist.ReduceOp, device: torch.device) -> dict[str, float]:
-    if not values or not dist.is_initialized():
-        return values
-    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op)
-    return dict(zip(values, tensor.tolist()))
+def _reduce(values: dict[str, torch.Tensor | float], op: dist.ReduceOp, device: torch.device) -> dict[str, float]:
+    """One all-reduce of the values as a float64 vector, in the given key order: the caller's keys are
+    the same on every rank (a fixed list), so every rank enters the collective with the same shape."""
+    if not values:
+        return {}
+    vector = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values.values()])
+    if dist.is_initialized():
+        dist.all_reduce(vector, op=op)
+    return dict(zip(values, vector.tolist()))  # the one host sync of a logging step
 
 
 class Metrics:
@@ -35,7 +38,7 @@ class Metrics:
                  config: dict):
         self.cfg, self.run_dir, self.log_every = cfg, run_dir.rstrip("/"), log_every
         self.rank, self.world, self.device = rank, world, device
-        self.terms: dict[str, float] = {}
+        self.terms: dict[str, torch.Tensor] = {}  # device tensors: no host sync per step
         self.samples, self.data_wait, self.steps_since = 0, 0.0, 0
         self.started = time.perf_counter()
         self.writers = self._writers(config) if rank == 0 else []
@@ -60,7 +63,7 @@ class Metrics:
 
     def update(self, out: dict[str, torch.Tensor], samples: int, data_wait: float) -> None:
         for name, value in out.items():
-            self.terms[name] = self.terms.get(name, 0.0) + float(value.detach())
+            self.terms[name] = self.terms.get(name, 0.0) + value.detach().double()
         self.samples += samples
         self.data_wait += data_wait
         self.steps_since += 1
@@ -71,9 +74,11 @@ class Metrics:
     def log(self, step: int, epoch: int, lr: float, skipped: dict[str, int]) -> dict[str, float]:
         """Reduce over ranks (mean of terms, sum of samples and skips, max of memory and wait) and write."""
         elapsed = time.perf_counter() - self.started
-        means = _reduce({k: v / self.steps_since for k, v in self.terms.items()}, dist.ReduceOp.SUM, self.device)
-        sums = _reduce({"samples": float(self.samples), **{f"skipped_{k}": float(v) for k, v in skipped.items()}},
+        # Sorted term names and the fixed list of skip reasons: the same vector layout on every rank.
+        sums = _reduce({**{k: self.terms[k] / self.steps_since for k in sorted(self.terms)},
+                        "samples": float(self.samples), **{f"skipped_{k}": float(v) for k, v in skipped.items()}},
                        dist.ReduceOp.SUM, self.device)
+        means = {k: sums.pop(k) for k in sorted(self.terms)}
         rss = psutil.Process().memory_info().rss / 2**30
         maxima = _reduce({"data_wait_s": self.data_wait, "mem_rss_gb": rss, "elapsed": elapsed}, dist.ReduceOp.MAX,
                          self.device)

@@ -140,9 +140,9 @@ def local_shard(p: torch.Tensor) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
 
 
-def all_finite(value: torch.Tensor) -> bool:
-    """True when ``value`` is finite on every rank (one tiny all-reduce)."""
-    flag = torch.isfinite(value.detach()).all().to(torch.int32).reshape(1)
+def all_ranks(flag: torch.Tensor) -> bool:
+    """True when the boolean ``flag`` is true on every rank (one tiny all-reduce, then a host sync)."""
+    flag = flag.to(torch.int32).reshape(1)
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())

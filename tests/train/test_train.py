@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from train.encoder import load_encoder
+from conftest import write_fmnist_shards
 from train_runs import cached_runs, kill_one_rank_at_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -70,3 +71,42 @@ def test_kill_one_rank_then_resume_matches_the_uninterrupted_curve(runs, fmnist_
     resumed = torchrun(_args(fmnist_shards, tmp_path, 2, "run.resume=latest"), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert _losses(tmp_path) == reference  # bitwise, step for step
+
+
+def test_corrupt_samples_on_one_rank_are_counted_and_the_run_finishes(tmp_path, torchrun):
+    """Corrupt images and captionless samples in a shard only rank 1 reads: before the skip counters
+    were a fixed vector, rank 0 reduced [samples] and rank 1 [samples, skipped_corrupt_image] at the
+    first logging step, and the run hung there."""
+    import io
+    import itertools
+
+    import webdataset as wds
+
+    from train.data import SKIP_REASONS, SkipCounter, shard_order
+
+    seed, batch, shards = 0, 8, 4
+    shard_dir = write_fmnist_shards(tmp_path / "data", count=shards * 64, shards=shards)
+    names = [str(shard_dir / "shards" / f"{i:06d}.tar") for i in range(shards)]
+    # Rank 1's first shard of epoch 0 (the trainer's own order); planted members come first, so
+    # every one of them is read before the epoch's last batch, which shuffle_buffer=1 keeps in order.
+    planted_shard = next(shard_order(names, seed, 0, 1, 2, 0, 1, SkipCounter()))["url"]
+    members = list(wds.tariterators.tar_file_iterator(open(planted_shard, "rb")))
+    planted = {"corrupt_image": 3, "missing_caption": 2}
+    with wds.TarWriter(planted_shard) as sink:
+        for i in range(planted["corrupt_image"]):
+            sink.write({"__key__": f"corrupt{i}", "jpg": b"\xff\xd8 not a jpeg", "txt": "a photo"})
+        for i in range(planted["missing_caption"]):
+            sink.write({"__key__": f"nocaption{i}", "jpg": members[0]["data"]})
+        for key, group in itertools.groupby(members, key=lambda m: m["fname"].split(".")[0]):
+            sink.write({"__key__": key, **{m["fname"].split(".", 1)[1]: m["data"] for m in group}})
+    run_dir = tmp_path / "run"
+    steps = shards * 64 // (2 * batch)  # one epoch: rank 1 reads all of its shards
+    proc = torchrun(["-m", "train.main", "--config", "configs/clip/tiny.yaml", f"data.path={shard_dir}",
+                     f"run.run_dir={run_dir}", f"run.steps={steps}", "run.log_every=3", "data.workers=0",
+                     f"data.batch_size={batch}", "data.shuffle_buffer=1", "log.tensorboard=false", "schedule.warmup_steps=2",
+                     f"run.seed={seed}"], timeout=150)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6, 9, 12, 15, 16]
+    assert {reason: records[-1][f"skipped_{reason}"] for reason in SKIP_REASONS} == {
+        reason: planted.get(reason, 0) for reason in SKIP_REASONS}
