@@ -115,6 +115,16 @@ def test_base_file_and_section_include(tmp_path):
         config.load(Root, child, [f"optim={tmp_path / 'optim/typo.yaml'}"])
 
 
+def test_dotted_key_in_a_file_sets_one_key_of_an_included_section(tmp_path):
+    write(tmp_path, "optim/fast.yaml", "lr: 0.5\nname: sgd\n")
+    path = write(tmp_path, "run.yaml", "run: {out: o}\noptim: optim/fast.yaml\noptim.lr: 0.125\n")
+    assert config.load(Root, path).optim == Optim(lr=0.125, name="sgd")
+    assert config.load(Root, path, ["optim.lr=0.25"]).optim.lr == 0.25  # the command line still wins
+    write(tmp_path, "bad.yaml", "run: {out: o}\noptim: optim/fast.yaml\noptim.lrate: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrate'"):
+        config.load(Root, tmp_path / "bad.yaml")
+
+
 ENTRIES: Registry = Registry("model")
 
 

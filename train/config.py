@@ -41,7 +41,7 @@ class RunConfig:
     keep_last: int = 3
     resume: str = ""  # "" | "latest" | a checkpoint tag directory
     device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast over fp32 weights (train/precision.py)
 
     def validate(self) -> None:
         if (self.steps > 0) == (self.epochs > 0):
@@ -104,8 +104,9 @@ class ParallelConfig:
     """DeepSpeed settings (``configs/deepspeed/zero{1,2,3}.yaml``)."""
 
     zero_stage: Literal[1, 2, 3] = 1
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (open_clip, ALBEF, MoCo, SimCLR do not clip)
     grad_accum: int = 1
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # run.dtype=bf16: gradient reduction dtype (DDP's is fp32)
     activation_checkpointing: bool = False
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000

@@ -23,10 +23,9 @@ from train.registry import MODELS, OBJECTIVES
 log = get_logger(__name__)
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Move tensors to the device; floating ones take the engine's dtype (bf16 or fp32)."""
-    return {k: v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
-            for k, v in batch.items()}
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move tensors to the device (in fp32 also under bf16: autocast casts where it computes)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class Trainer:
@@ -46,7 +45,6 @@ class Trainer:
                                                self.objective.no_weight_decay())
         ds_config = parallel.deepspeed_config(cfg.parallel, cfg.run, cfg.data.batch_size, self.dist.world)
         self.engine = parallel.wrap(self.objective, self.optimizer, ds_config, cfg.parallel.activation_checkpointing)
-        self.dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32
         run_dir = cfg.run.run_dir.rstrip("/")
         self.checkpointer = checkpoint.Checkpointer(f"{run_dir}/checkpoints", cfg.run.ckpt_every,
                                                     cfg.run.keep_last, self.dist.rank, cfg)
@@ -108,7 +106,7 @@ class Trainer:
         data_wait, terms = 0.0, {}
         for _ in range(self.cfg.parallel.grad_accum):
             start = time.perf_counter()
-            batch = to_device(next(batches), self.dist.device, self.dtype)
+            batch = to_device(next(batches), self.dist.device)
             data_wait += time.perf_counter() - start
             out = self.engine(batch)
             self.finite &= torch.isfinite(out["loss"].detach())

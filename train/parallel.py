@@ -113,12 +113,23 @@ def deepspeed_config(parallel: ParallelConfig, run: RunConfig, micro_batch: int,
         "gradient_accumulation_steps": parallel.grad_accum,
         "train_batch_size": micro_batch * parallel.grad_accum * world,
         "gradient_clipping": parallel.grad_clip,
-        "bf16": {"enabled": run.dtype == "bf16"},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch's AdamW, fused on GPU
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        **({"torch_autocast": autocast(parallel)} if run.dtype == "bf16" else {}),
     }
+
+
+def autocast(parallel: ParallelConfig) -> dict:
+    """bf16 as autocast over fp32 weights (train/precision.py), not DeepSpeed's bf16 weights, whose
+    bf16 EMA copies round the momentum update away and whose clamps miss the fp32 master copy.
+    Gradients are fp32; ``reduce_dtype`` says in which dtype the ranks reduce those of the
+    matmul and convolution weights (DeepSpeed reduces the others in fp32 anyway)."""
+    section = {"enabled": True, "dtype": "bfloat16"}
+    if parallel.reduce_dtype == "fp32":
+        section["lower_precision_safe_modules"] = []  # no module's gradients are reduced in bf16
+    return section
 
 
 def wrap(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, activation_checkpointing: bool):

@@ -153,8 +153,12 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, str]]:
     merged, origin = {}, {}
     if "base" in data:
         merged, origin = _read_yaml(_resolve(str(data.pop("base")), path.parent))
+    # A dotted key (``parallel.grad_clip: 1.0``) sets one key inside a section given as a file.
+    dotted = {key: data.pop(key) for key in [k for k in data if isinstance(k, str) and "." in k]}
     _deep_merge(merged, data)
-    origin.update({key: str(path) for key in _dotted_keys(data)})
+    for key, value in dotted.items():
+        _set_dotted(merged, key, value)
+    origin.update({key: str(path) for key in [*_dotted_keys(data), *dotted]})
     origin[""] = str(path)
     return merged, origin
 

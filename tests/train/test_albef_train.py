@@ -24,7 +24,7 @@ def _args(shards, run_dir, stage, *extra):
     return ["-m", "train.main", "--config", "configs/albef/tiny.yaml", f"data.path={shards}", f"run.run_dir={run_dir}",
             f"run.steps={STEPS}", "run.log_every=1", "run.ckpt_every=4", "data.batch_size=8", "data.workers=1",
             "objective.queue_size=32", "objective.momentum=0.9", "optim.lr=3e-3", "schedule.warmup_steps=2",
-            "log.tensorboard=false", f"parallel=deepspeed/zero{stage}.yaml", *extra]
+            "log.tensorboard=false", f"parallel=deepspeed/zero{stage}.yaml", "parallel.grad_clip=1.0", *extra]
 
 
 def _curve(run_dir) -> dict[int, dict[str, float]]:

@@ -24,7 +24,7 @@ def _args(shards, run_dir, stage, *extra):
     workers = 2 if stage == 2 else 0
     return ["-m", "train.main", "--config", "configs/clip/tiny.yaml", f"data.path={shards}", f"run.run_dir={run_dir}",
             f"run.steps={STEPS}", "run.log_every=1", "run.ckpt_every=4", f"data.workers={workers}", "data.batch_size=32",
-            "schedule.warmup_steps=2", "optim.lr=2e-3", f"parallel=deepspeed/zero{stage}.yaml", *extra]
+            "schedule.warmup_steps=2", "optim.lr=2e-3", f"parallel=deepspeed/zero{stage}.yaml", "parallel.grad_clip=1.0", *extra]
 
 
 def _losses(run_dir):

@@ -29,10 +29,12 @@ from train.gather import all_gather_no_grad, all_gather_with_grad, world
 from train.momentum import Momentum
 from train.objective import Objective
 from train.parallel import local_shard
+from train.precision import full_precision
 from train.queue import FeatureQueue
 from train.registry import OBJECTIVES
 
 
+@full_precision
 def hard_negatives(similarity: torch.Tensor, same_id: torch.Tensor, generator: torch.Generator | None = None):
     """One candidate per row drawn from ``softmax(similarity)`` over the entries not ``same_id``.
 
@@ -137,6 +139,7 @@ class ALBEFObjective(nn.Module, Objective):
         return {"loss": itc + itm + mlm, "itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach(),
                 "temperature": temperature.detach()[0], "alpha": torch.tensor(self.alpha, device=itc.device)}
 
+    @full_precision
     def contrastive_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, sample_id, temperature):
         """ITC of the student (b, D) against [batch momentum keys; queue] (b + K, D)."""
         with torch.no_grad():

@@ -24,6 +24,7 @@ from torch import nn
 from train.gather import all_gather_with_grad, world
 from train.objective import Objective
 from train.parallel import local_shard
+from train.precision import full_precision
 from train.registry import OBJECTIVES
 
 
@@ -83,6 +84,7 @@ def _info_nce(q: torch.Tensor, k: torch.Tensor, k_all: torch.Tensor, positives: 
     return F.cross_entropy(scale * q @ k_all.T, positives)  # (b, N) logits
 
 
+@full_precision
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, chunk: int = 0) -> torch.Tensor:
     """Symmetric InfoNCE of this rank's (b, D) normalised features against all ranks' features."""
     rank, _ = world()

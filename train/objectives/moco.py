@@ -17,6 +17,7 @@ from torch import nn
 from train.gather import all_gather_no_grad, world
 from train.momentum import Momentum
 from train.objective import Objective
+from train.precision import full_precision
 from train.queue import FeatureQueue
 from train.registry import OBJECTIVES
 
@@ -40,6 +41,14 @@ def shuffled_forward(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     unshuffled = torch.empty_like(keys)
     unshuffled[order] = keys
     return unshuffled[rank * b : (rank + 1) * b]  # (b, d)
+
+
+@full_precision
+def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float):
+    """MoCo's loss of queries q (b, d) with positive keys k (b, d) against negatives (K, d), and its accuracy."""
+    logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ negatives.T], dim=1) / temperature  # (b, 1 + K)
+    target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive is column 0
+    return F.cross_entropy(logits, target), (logits.argmax(dim=1) == 0).float().mean()
 
 
 @OBJECTIVES.register("moco_v2")
@@ -76,10 +85,7 @@ class MoCo(nn.Module, Objective):
             k = shuffled_forward(key_encoder, batch["view2"]) if self.shuffle_bn else key_encoder(batch["view2"])
             k = F.normalize(k.float(), dim=-1)  # (b, d)
             negatives = self.queue.get("key").clone().float()  # (K, d); cloned: enqueue below writes in place
-        logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ negatives.T], dim=1) / self.temperature
-        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive is column 0
-        loss = F.cross_entropy(logits, target)
+        loss, accuracy = info_nce(q, k, negatives, self.temperature)
         if self.training:
             self.queue.enqueue(key=k)
-        accuracy = (logits.argmax(dim=1) == 0).float().mean()
         return {"loss": loss, "info_nce": loss.detach(), "accuracy": accuracy.detach()}

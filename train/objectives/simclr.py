@@ -10,9 +10,11 @@ from torch import nn
 
 from train.gather import all_gather_with_grad, world
 from train.objective import Objective
+from train.precision import full_precision
 from train.registry import OBJECTIVES
 
 
+@full_precision
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent of this rank's 2b views against the 2N views of all ranks, averaged over local views.
 
