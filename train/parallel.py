@@ -7,7 +7,8 @@
 - :func:`wrap` generates the DeepSpeed config from the typed ``parallel`` section and returns
   the engine; :func:`consolidated_state_dict` turns any ZeRO checkpoint into one state dict.
 - :func:`local_shard` is how code outside forward/backward touches a parameter: under ZeRO-3
-  a parameter's local data is its partition.
+  a parameter's local data is its partition; :func:`clamp_` bounds a parameter's value in the
+  optimizer's master copy as well.
 """
 
 from __future__ import annotations
@@ -149,6 +150,23 @@ def wrap(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, a
 def local_shard(p: torch.Tensor) -> torch.Tensor:
     """The data of ``p`` held by this rank (its ZeRO-3 partition, else the whole tensor)."""
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+@torch.no_grad()
+def clamp_(param: nn.Parameter, min: float | None = None, max: float | None = None) -> None:
+    """Clamp ``param`` where the optimizer keeps it: its fp32 master copy (the partition this rank
+    owns under ZeRO 1/2, its local partition under ZeRO-3) and the model's copy. The engine
+    copies the master into the model after every step, so clamping only ``param.data`` would
+    last one forward, and a master past the bound gets no gradient from a clamped forward: it
+    would never come back. Elementwise, so no rank needs another's part."""
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(min, max))
+        param.ds_tensor.clamp_(min, max)
+    elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO 1/2: this rank's fragment, if any
+        param._hp_mapping.get_hp_fragment().clamp_(min, max)
+    param.data.clamp_(min, max)  # empty for a partitioned ZeRO-3 parameter; whole for a persistent one
 
 
 def all_ranks(flag: torch.Tensor) -> bool:

@@ -19,11 +19,12 @@ F = TypeVar("F", bound=Callable)
 
 
 def _fp32(value):
-    return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+    """bf16/fp16 tensors in fp32; fp32 and fp64 (the equality tests) as they are."""
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype in (torch.bfloat16, torch.float16) else value
 
 
 def full_precision(fn: F) -> F:
-    """``fn`` with autocast off on its tensors' device and its floating tensor arguments in fp32."""
+    """``fn`` with autocast off on its tensors' device and its half-precision tensor arguments in fp32."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

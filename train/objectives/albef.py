@@ -28,7 +28,7 @@ from torch import nn
 from train.gather import all_gather_no_grad, all_gather_with_grad, world
 from train.momentum import Momentum
 from train.objective import Objective
-from train.parallel import local_shard
+from train.parallel import clamp_
 from train.precision import full_precision
 from train.queue import FeatureQueue
 from train.registry import OBJECTIVES
@@ -110,7 +110,7 @@ class ALBEFObjective(nn.Module, Objective):
 
     @torch.no_grad()
     def end_step(self) -> None:
-        local_shard(self.temperature).clamp_(*self.cfg.temperature_range)
+        clamp_(self.temperature, *self.cfg.temperature_range)
         self.momentum.update()
 
     def no_weight_decay(self) -> set[str]:
@@ -118,8 +118,7 @@ class ALBEFObjective(nn.Module, Objective):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, ids, mask, sample_id = batch["image"], batch["input_ids"], batch["attention_mask"], batch["sample_id"]
-        # The optimizer's master copy (ZeRO) is beyond end_step's clamp; clamp the value used too.
-        temperature = self.temperature.float().clamp(*self.cfg.temperature_range)
+        temperature = self.temperature.float()  # within bounds: end_step clamps the optimizer's copy
         image_tokens, text_tokens = self.model.image_tokens(images), self.model.text_tokens(ids, mask)
         image_feat, text_feat = self.model.image_embedding(image_tokens), self.model.text_embedding(text_tokens)
         teacher = self.momentum["model"]

@@ -23,7 +23,7 @@ from torch import nn
 
 from train.gather import all_gather_with_grad, world
 from train.objective import Objective
-from train.parallel import local_shard
+from train.parallel import clamp_
 from train.precision import full_precision
 from train.registry import OBJECTIVES
 
@@ -123,9 +123,7 @@ class CLIPObjective(nn.Module, Objective):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image = F.normalize(self.model.encode_image(batch["image"]), dim=-1).float()  # (b, D)
         text = F.normalize(self.model.encode_text(batch["input_ids"], batch["attention_mask"]), dim=-1).float()
-        # The optimizer keeps its own master copy of the temperature (ZeRO), which end_step's clamp
-        # cannot reach; clamping here too keeps the value the loss sees within bounds.
-        logit_scale = self.logit_scale.float().clamp(max=self.max_log_scale)
+        logit_scale = self.logit_scale.float()  # within bounds: end_step clamps the optimizer's copy
         loss = clip_loss(image, text, logit_scale, self.cfg.chunk_size)
         return {"loss": loss, "logit_scale": logit_scale.detach().exp()}
 
@@ -134,4 +132,4 @@ class CLIPObjective(nn.Module, Objective):
 
     @torch.no_grad()
     def end_step(self) -> None:
-        local_shard(self.logit_scale).clamp_(max=self.max_log_scale)
+        clamp_(self.logit_scale, max=self.max_log_scale)

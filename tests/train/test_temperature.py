@@ -1,0 +1,23 @@
+"""The temperature bound holds for the optimizer's own copy under ZeRO 1, 2 and 3, and can come back.
+
+Before the clamp reached the fp32 master, the master passed log(100) (the model's copy was
+clamped, then overwritten from the master at the next step), forward's clamp gave it no gradient,
+and it stayed above the bound when the loss turned around.
+"""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_temperature_stays_at_its_bound_in_the_master_copy_and_comes_back(stage, tmp_path, torchrun):
+    proc = torchrun(["tests/train/dist_clamp.py", str(tmp_path), str(stage)], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = json.loads((tmp_path / f"clamp{stage}.json").read_text())
+    bound, up = run["bound"], run["up"]
+    assert max(run["master"]) <= bound + 1e-6 and max(run["seen"]) <= bound + 1e-6, run
+    assert run["master"][up - 1] == pytest.approx(bound), run  # it reached the bound and stayed there
+    assert run["master"][-1] < bound - 1.0 and run["seen"][-1] < bound - 0.5, run  # and came back down
