@@ -18,9 +18,45 @@ from pipeline.core.log import get_logger, progress, setup_logging
 from train import checkpoint, metrics, optim, parallel
 from train.config import TrainConfig
 from train.data import TrainLoader
+from train.objective import CachesFeatures, FeatureCache
 from train.registry import MODELS, OBJECTIVES
 
 log = get_logger(__name__)
+
+
+def accumulate(engine, objective, micro_batches: list[dict]) -> list[dict]:
+    """Forward and backward of each micro-batch; DeepSpeed steps at the last one."""
+    outs = []
+    for batch in micro_batches:
+        outs.append(engine(batch))
+        engine.backward(outs[-1]["loss"])
+        engine.step()  # the optimizer steps only at the accumulation boundary
+    return outs
+
+
+def accumulate_features(engine, objective, micro_batches: list[dict]) -> list[dict]:
+    """One loss over all micro-batches' features (:class:`train.objective.FeatureCache`).
+
+    The storing pass runs without gradient; each micro-batch's second pass replays its RNG state
+    and the buffers as they were (BatchNorm statistics), so it computes the features the cache
+    holds. Each backward is that pass's share of the gradient of the one loss, so it is not
+    divided by the number of micro-batches.
+    """
+    cache, rng = FeatureCache(), []
+    buffers = [(b, b.clone()) for b in objective.buffers()]
+    with torch.no_grad():
+        for batch in micro_batches:
+            rng.append(checkpoint.rng_state())
+            engine(batch, cache=cache)
+    for buffer, saved in buffers:
+        buffer.copy_(saved)
+    outs = []
+    for index, batch in enumerate(micro_batches):
+        checkpoint.set_rng_state(rng[index])
+        outs.append(engine(batch, cache=cache.select(index)))
+        engine.backward(outs[-1]["loss"], scale_wrt_gas=False)
+        engine.step()
+    return outs
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -40,6 +76,9 @@ class Trainer:
         self.steps_per_epoch = self.loader.batches_per_epoch // cfg.parallel.grad_accum
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
         self.global_batch = cfg.data.batch_size * cfg.parallel.grad_accum * self.dist.world
+        caches = isinstance(self.objective, CachesFeatures) and cfg.parallel.grad_accum > 1
+        self.accumulate = accumulate_features if caches else accumulate
+        contrasted = self.global_batch if caches else cfg.data.batch_size * self.dist.world
         self.objective.check(cfg.data.batch_size * self.dist.world, self.dist.world)
         self.optimizer = optim.build_optimizer(self.objective, cfg.optim, self.dist.device,
                                                self.objective.no_weight_decay())
@@ -56,9 +95,9 @@ class Trainer:
         self.step = 0
         self.finite = torch.ones((), dtype=torch.bool, device=self.dist.device)  # every loss since the last check
         torch.manual_seed(cfg.run.seed + self.dist.rank)  # per-rank randomness (dropout) from here on
-        log.info("global batch %d = %d x %d accum x %d ranks; %d steps (%d per epoch)", self.global_batch,
-                 cfg.data.batch_size, cfg.parallel.grad_accum, self.dist.world, self.total_steps,
-                 self.steps_per_epoch)
+        log.info("global batch %d = %d x %d accum x %d ranks, %d contrasted per loss; %d steps (%d per epoch)",
+                 self.global_batch, cfg.data.batch_size, cfg.parallel.grad_accum, self.dist.world, contrasted,
+                 self.total_steps, self.steps_per_epoch)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "data": self.loader.state_dict()}
@@ -103,17 +142,15 @@ class Trainer:
     def train_step(self, batches, step: int) -> tuple[dict[str, torch.Tensor], float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns detached terms and data wait."""
         self.objective.start_step(step, self.steps_per_epoch)
-        data_wait, terms = 0.0, {}
-        for _ in range(self.cfg.parallel.grad_accum):
-            start = time.perf_counter()
-            batch = to_device(next(batches), self.dist.device)
-            data_wait += time.perf_counter() - start
-            out = self.engine(batch)
+        start = time.perf_counter()
+        micro_batches = [to_device(next(batches), self.dist.device) for _ in range(self.cfg.parallel.grad_accum)]
+        data_wait = time.perf_counter() - start
+        outs = self.accumulate(self.engine, self.objective, micro_batches)
+        terms = {}
+        for out in outs:
             self.finite &= torch.isfinite(out["loss"].detach())
-            self.engine.backward(out["loss"])
-            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             for name, value in out.items():
-                terms[name] = terms.get(name, 0.0) + value.detach().float() / self.cfg.parallel.grad_accum
+                terms[name] = terms.get(name, 0.0) + value.detach().float() / len(outs)
         self.objective.end_step()
         return terms, data_wait
 

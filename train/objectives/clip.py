@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.gather import all_gather_with_grad, world
-from train.objective import Objective
+from train.objective import CachesFeatures, Objective
 from train.parallel import clamp_
 from train.precision import full_precision
 from train.registry import OBJECTIVES
@@ -97,7 +97,7 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 
 
 @OBJECTIVES.register("clip")
-class CLIPObjective(nn.Module, Objective):
+class CLIPObjective(CachesFeatures, nn.Module, Objective):
     @dataclasses.dataclass(kw_only=True)
     class Config:
         name: str = "clip"
@@ -120,11 +120,15 @@ class CLIPObjective(nn.Module, Objective):
         self.logit_scale = nn.Parameter(init, requires_grad=cfg.learn_temperature)
         self.max_log_scale = math.log(cfg.max_logit_scale)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        image = F.normalize(self.model.encode_image(batch["image"]), dim=-1).float()  # (b, D)
-        text = F.normalize(self.model.encode_text(batch["input_ids"], batch["attention_mask"]), dim=-1).float()
-        logit_scale = self.logit_scale.float()  # within bounds: end_step clamps the optimizer's copy
-        loss = clip_loss(image, text, logit_scale, self.cfg.chunk_size)
+    def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image = F.normalize(self.model.encode_image(batch["image"]).float(), dim=-1)  # (b, D), fp32 under bf16
+        text = F.normalize(self.model.encode_text(batch["input_ids"], batch["attention_mask"]).float(), dim=-1)
+        return {"image": image, "text": text}
+
+    def loss(self, features: dict[str, torch.Tensor], owns_parameters: bool) -> dict[str, torch.Tensor]:
+        logit_scale = self.logit_scale if owns_parameters else self.logit_scale.detach()
+        logit_scale = logit_scale.float()  # within bounds: end_step clamps the optimizer's copy
+        loss = clip_loss(features["image"], features["text"], logit_scale, self.cfg.chunk_size)
         return {"loss": loss, "logit_scale": logit_scale.detach().exp()}
 
     def no_weight_decay(self) -> set[str]:

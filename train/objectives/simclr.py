@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.gather import all_gather_with_grad, world
-from train.objective import Objective
+from train.objective import CachesFeatures, Objective
 from train.precision import full_precision
 from train.registry import OBJECTIVES
 
@@ -41,7 +41,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 
 @OBJECTIVES.register("simclr")
-class SimCLR(nn.Module, Objective):
+class SimCLR(CachesFeatures, nn.Module, Objective):
     @dataclasses.dataclass(kw_only=True)
     class Config:
         name: str = "simclr"
@@ -56,9 +56,12 @@ class SimCLR(nn.Module, Objective):
         self.model = model
         self.temperature = cfg.temperature
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # One pass over both views, so BatchNorm normalises them with the same statistics.
         views = torch.cat([batch["view1"], batch["view2"]])  # (2b, 3, H, W)
         z1, z2 = F.normalize(self.model(views).float(), dim=-1).chunk(2)  # (b, d) each, fp32 under bf16
-        loss = nt_xent(z1, z2, self.temperature)
+        return {"z1": z1, "z2": z2}
+
+    def loss(self, features: dict[str, torch.Tensor], owns_parameters: bool) -> dict[str, torch.Tensor]:
+        loss = nt_xent(features["z1"], features["z2"], self.temperature)
         return {"loss": loss, "nt_xent": loss.detach()}

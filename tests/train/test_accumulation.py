@@ -1,0 +1,21 @@
+"""Feature-cached accumulation: with grad_accum = k, one optimizer step contrasts all b x k x world samples.
+
+Its loss and its update equal those of one step at micro-batch b x k (1e-5), on 1 and on 2 ranks;
+plain accumulation (each micro-batch contrasting only its own b x world samples, as before) does not.
+"""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name, world", [("clip", 1), ("clip", 2), ("simclr", 2)])
+def test_cached_accumulation_equals_one_step_on_the_whole_batch(name, world, tmp_path, torchrun):
+    proc = torchrun(["tests/train/dist_accum.py", str(tmp_path), name], nproc=world, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / f"accum_{name}_{world}.json").read_text())
+    assert result["cached_loss"] == pytest.approx(result["whole_loss"], abs=1e-5), result
+    assert result["cached_vs_whole"] < 1e-5 < result["update"], result
+    assert result["plain_vs_whole"] > 1e-4 and abs(result["plain_loss"] - result["whole_loss"]) > 1e-3, result
