@@ -107,8 +107,8 @@ class ParallelConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     grad_accum: int = 1
     activation_checkpointing: bool = False
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
+    reduce_bucket_size: int = 50_000_000  # elements; several buckets per model, so overlap_comm overlaps
+    allgather_bucket_size: int = 50_000_000
     overlap_comm: bool = False
     contiguous_gradients: bool = True
     stage3_param_persistence_threshold: int = 100_000  # ZeRO-3: params smaller than this stay whole
