@@ -38,6 +38,7 @@ def test_tiny_objective_trains_on_two_views_from_its_transform(name):
     assert torch.isfinite(out["loss"]) and model.head[0].weight.grad is not None
     assert model.encode_image(batch["view1"]).shape == (4, model.backbone.num_features)
     assert any(isinstance(m, GlobalBatchNorm) for m in model.modules()) == cfg.model.sync_bn
+    assert issubclass(GlobalBatchNorm, torch.nn.SyncBatchNorm)  # on CUDA: SyncBatchNorm's fused kernels
 
 
 def test_sync_bn_refuses_batchnorm_it_cannot_convert():
