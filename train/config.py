@@ -42,6 +42,8 @@ class RunConfig:
     resume: str = ""  # "" | "latest" | a checkpoint tag directory
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False  # NHWC input images (convolutional models on GPU); the weights keep their layout
+    compile: bool = False  # torch.compile the model's repeated blocks (regional compilation) before DeepSpeed
 
     def validate(self) -> None:
         if (self.steps > 0) == (self.epochs > 0):

@@ -18,7 +18,9 @@ from pipeline.core.log import get_logger, progress, setup_logging
 from train import checkpoint, metrics, optim, parallel
 from train.config import TrainConfig
 from train.data import TrainLoader
+from train.models.towers import compile_blocks
 from train.registry import MODELS, OBJECTIVES
+from train.transforms import to_model_input
 
 log = get_logger(__name__)
 
@@ -37,11 +39,14 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = MODELS.build(cfg.model.name, cfg.model)
         self.objective = OBJECTIVES.build(cfg.objective.name, cfg.objective, model).to(self.dist.device)
-        self.loader = TrainLoader(cfg.data, model.contract, self.dist.rank, self.dist.world, cfg.run.seed)
+        self.loader = TrainLoader(cfg.data, model.contract, self.dist.rank, self.dist.world, cfg.run.seed,
+                                  pin_memory=self.dist.device.type == "cuda")
         self.steps_per_epoch = self.loader.batches_per_epoch // cfg.parallel.grad_accum
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
         self.global_batch = cfg.data.batch_size * cfg.parallel.grad_accum * self.dist.world
         self.objective.check(cfg.data.batch_size * self.dist.world, self.dist.world)
+        if cfg.run.compile:  # after the objective, so its momentum copies hold blocks of their own
+            compile_blocks(self.objective)
         self.optimizer = optim.build_optimizer(self.objective, cfg.optim, self.dist.device,
                                                self.objective.no_weight_decay())
         ds_config = parallel.deepspeed_config(cfg.parallel, cfg.run, cfg.data.batch_size, self.dist.world)
@@ -105,6 +110,7 @@ class Trainer:
             start = time.perf_counter()
             batch = to_device(next(batches), self.dist.device, self.dtype)
             data_wait += time.perf_counter() - start
+            batch = to_model_input(batch, self.objective.model.contract, self.dtype, self.cfg.run.channels_last)
             out = self.engine(batch)
             if not parallel.all_finite(out["loss"]):
                 raise FloatingPointError(f"non-finite loss at step {step}: {out['loss'].item()}")
