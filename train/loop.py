@@ -18,7 +18,7 @@ from pipeline.core.log import get_logger, progress, setup_logging
 from train import checkpoint, metrics, optim, parallel
 from train.config import TrainConfig
 from train.data import TrainLoader
-from train.models.towers import compile_blocks
+from train.compile import compile_blocks
 from train.registry import MODELS, OBJECTIVES
 from train.transforms import to_model_input
 

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from train.models.towers import compile_blocks
+from train.compile import compile_blocks
 from train.registry import MODELS
 from train.transforms import to_model_input
 
