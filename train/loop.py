@@ -16,9 +16,9 @@ import torch
 from pipeline.core import config as config_io
 from pipeline.core.log import get_logger, progress, setup_logging
 from train import checkpoint, metrics, optim, parallel
+from train.compile import compile_blocks
 from train.config import TrainConfig
 from train.data import TrainLoader
-from train.compile import compile_blocks
 from train.registry import MODELS, OBJECTIVES
 from train.transforms import to_model_input
 
