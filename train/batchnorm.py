@@ -1,8 +1,9 @@
 """BatchNorm whose training statistics cover the global batch (SimCLR's ``global_bn``).
 
-``torch.nn.SyncBatchNorm`` refuses CPU tensors, and every code path here must run on CPU +
-gloo as on GPUs + NCCL, so the statistics are synchronised with the autograd-aware gather of
-``train.gather``: one collective per layer, on any device and backend.
+On CUDA the layer is ``torch.nn.SyncBatchNorm`` (its fused statistics and backward kernels).
+SyncBatchNorm refuses CPU tensors, so elsewhere (CPU + gloo) the statistics are synchronised
+with the autograd-aware gather of ``train.gather``: one collective per layer. Both compute
+BatchNorm over the global batch; the 2-rank CPU tests check the second against one process.
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ from torch import nn
 from train.gather import all_gather_with_grad, world
 
 
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+class GlobalBatchNorm(nn.SyncBatchNorm):
     """``nn.BatchNormNd`` (any N) with mean and variance over the batches of all ranks."""
 
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2-D input (N, C, ...), got {x.dim()}-D")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return super().forward(x)  # SyncBatchNorm's fused kernels
         if not self.training or world()[1] == 1:
-            return super().forward(x)
+            return nn.modules.batchnorm._BatchNorm.forward(self, x)
         reduce_dims = [0, *range(2, x.dim())]
         count = x.numel() // x.shape[1]
         var, mean = torch.var_mean(x.float(), dim=reduce_dims, unbiased=False)  # (C,), (C,)

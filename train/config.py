@@ -42,6 +42,8 @@ class RunConfig:
     resume: str = ""  # "" | "latest" | a checkpoint tag directory
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast over fp32 weights (train/precision.py)
+    channels_last: bool = False  # NHWC input images (convolutional models on GPU); the weights keep their layout
+    compile: bool = False  # torch.compile the model's repeated blocks (regional compilation) before DeepSpeed
 
     def validate(self) -> None:
         if (self.steps > 0) == (self.epochs > 0):
@@ -108,8 +110,8 @@ class ParallelConfig:
     grad_accum: int = 1
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # run.dtype=bf16: gradient reduction dtype (DDP's is fp32)
     activation_checkpointing: bool = False
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
+    reduce_bucket_size: int = 50_000_000  # elements; several buckets per model, so overlap_comm overlaps
+    allgather_bucket_size: int = 50_000_000
     overlap_comm: bool = False
     contiguous_gradients: bool = True
     stage3_param_persistence_threshold: int = 100_000  # ZeRO-3: params smaller than this stay whole

@@ -305,9 +305,10 @@ class TrainLoader:
     and per stream the samples consumed and batches delivered.
     """
 
-    def __init__(self, cfg: DataConfig, contract: DataContract, rank: int, world: int, seed: int):
+    def __init__(self, cfg: DataConfig, contract: DataContract, rank: int, world: int, seed: int,
+                 pin_memory: bool = False):
         self.dataset = ShardStream(cfg, contract, rank, world, seed)
-        self.cfg = cfg
+        self.cfg, self.pin_memory = cfg, pin_memory  # pinned batches make non_blocking copies asynchronous
         self.batches_per_epoch = self.dataset.batches_per_stream * self.dataset.workers
         self.epoch, self.streams = 0, {}
         self.skips_before: collections.Counter = collections.Counter()  # from finished epochs
@@ -317,7 +318,7 @@ class TrainLoader:
         # cost ~0.7 s per epoch, and is a suspect in an intermittent native crash of CPU ranks.
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers,
                                              prefetch_factor=4 if self.cfg.workers else None,
-                                             persistent_workers=self.cfg.workers > 0)
+                                             persistent_workers=self.cfg.workers > 0, pin_memory=self.pin_memory)
         while True:
             self.dataset.set_epoch(self.epoch, dict(self.streams))  # workers fork, or resume, at iter(loader)
             for item in loader:

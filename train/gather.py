@@ -29,9 +29,16 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Backends whose backward reduce-scatters (each rank receives only its own slice, summed: half
+# the bytes of an all-reduce of the whole gathered gradient). Gloo keeps the blocking all-reduce,
+# the path its stress runs validated (module docstring).
+REDUCE_SCATTER_BACKENDS = {"nccl"}
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Forward: all-gather along dim 0. Backward: every rank's gradient for the whole gathered
-    tensor, summed (all-reduce), then this rank's slice of it."""
+    tensor, summed over ranks, this rank's slice of it (reduce-scatter on NCCL, all-reduce then
+    narrow on gloo)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +47,10 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        if dist.get_backend() in REDUCE_SCATTER_BACKENDS:
+            out = grad.new_empty((ctx.batch, *grad.shape[1:]))
+            dist.reduce_scatter_single(out, grad.contiguous())
+            return out
         grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce is in place; autograd owns grad
         dist.all_reduce(grad)
         return grad.narrow(0, ctx.rank * ctx.batch, ctx.batch)

@@ -16,10 +16,12 @@ import torch
 from pipeline.core import config as config_io
 from pipeline.core.log import get_logger, progress, setup_logging
 from train import checkpoint, metrics, optim, parallel
+from train.compile import compile_blocks
 from train.config import TrainConfig
 from train.data import TrainLoader
 from train.objective import CachesFeatures, FeatureCache
 from train.registry import MODELS, OBJECTIVES
+from train.transforms import to_model_input
 
 log = get_logger(__name__)
 
@@ -60,7 +62,7 @@ def accumulate_features(engine, objective, micro_batches: list[dict]) -> list[di
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Move tensors to the device (in fp32 also under bf16: autocast casts where it computes)."""
+    """Move tensors to the device (asynchronous from pinned memory)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -72,7 +74,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = MODELS.build(cfg.model.name, cfg.model)
         self.objective = OBJECTIVES.build(cfg.objective.name, cfg.objective, model).to(self.dist.device)
-        self.loader = TrainLoader(cfg.data, model.contract, self.dist.rank, self.dist.world, cfg.run.seed)
+        self.loader = TrainLoader(cfg.data, model.contract, self.dist.rank, self.dist.world, cfg.run.seed,
+                                  pin_memory=self.dist.device.type == "cuda")
         self.steps_per_epoch = self.loader.batches_per_epoch // cfg.parallel.grad_accum
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
         self.global_batch = cfg.data.batch_size * cfg.parallel.grad_accum * self.dist.world
@@ -80,6 +83,8 @@ class Trainer:
         self.accumulate = accumulate_features if caches else accumulate
         contrasted = self.global_batch if caches else cfg.data.batch_size * self.dist.world
         self.objective.check(cfg.data.batch_size * self.dist.world, self.dist.world)
+        if cfg.run.compile:  # after the objective, so its momentum copies hold blocks of their own
+            compile_blocks(self.objective)
         self.optimizer = optim.build_optimizer(self.objective, cfg.optim, self.dist.device,
                                                self.objective.no_weight_decay())
         ds_config = parallel.deepspeed_config(cfg.parallel, cfg.run, cfg.data.batch_size, self.dist.world)
@@ -145,6 +150,9 @@ class Trainer:
         start = time.perf_counter()
         micro_batches = [to_device(next(batches), self.dist.device) for _ in range(self.cfg.parallel.grad_accum)]
         data_wait = time.perf_counter() - start
+        # uint8 images normalised on the device, in fp32: autocast casts where it computes
+        micro_batches = [to_model_input(batch, self.objective.model.contract, torch.float32, self.cfg.run.channels_last)
+                         for batch in micro_batches]
         outs = self.accumulate(self.engine, self.objective, micro_batches)
         terms = {}
         for out in outs:

@@ -44,10 +44,11 @@ class FeatureQueue(nn.Module):
         """Append this step's keys of every rank (pass each queue's local keys by name)."""
         if set(local) != set(self.names):
             raise ValueError(f"enqueue needs exactly {self.names}, got {sorted(local)}")
-        ptr = int(self.ptr)
+        # The pointer stays a device tensor: reading it (int(ptr)) would make the host wait for
+        # the GPU at every enqueue. Every rank enqueues the same gathered keys, so it stays equal.
         for name, keys in local.items():
             keys = all_gather_no_grad(keys.detach())
             n = keys.shape[0]
-            index = (torch.arange(n, device=keys.device) + ptr) % self.size
-            self.get(name)[index] = keys.to(self.get(name).dtype)
-        self.ptr.fill_((ptr + n) % self.size)
+            index = (torch.arange(n, device=self.ptr.device) + self.ptr) % self.size
+            self.get(name).index_copy_(0, index, keys.to(self.get(name).dtype))
+        self.ptr.add_(n).remainder_(self.size)

@@ -8,8 +8,12 @@ Each entry of :data:`TRANSFORMS` is a builder ``(data config, contract) -> image
   resized crop (SimCLR 0.08-1, MoCo v2 0.2-1), flip, colour jitter (p = 0.8, strength
   ``data.jitter_strength``), grayscale (p = 0.2) and Gaussian blur (p = 0.5).
 
-All end in the size and normalisation of the model's data contract. They run in the data
-pipeline's worker processes, from its per-sample seed.
+All end in the size of the model's data contract. The training transforms run in the data
+pipeline's worker processes, from its per-sample seed, and end in uint8 (3, H, W) tensors: a
+quarter of the bytes of fp32 through worker IPC and the host-to-device copy. The trainer
+normalises on the device right after the copy (:func:`to_model_input`), with the same fp32
+operations the workers ran before, so the values are unchanged bit for bit. ``eval`` serves
+in-process consumers (evaluation, curation scoring) and ends normalised in fp32 itself.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop as RandomResizedCropParams
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
 from pipeline.core.registry import Registry
 from train.config import DataConfig
@@ -29,8 +34,21 @@ TRANSFORMS: Registry = Registry("transform")
 Transform = Callable[[Image.Image], dict]
 
 
-def _normalize(contract: DataContract) -> list:
-    return [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(contract.mean, contract.std)]
+def normalize(images: torch.Tensor, contract: DataContract) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> fp32 scaled to [0, 1] and normalised by the contract's mean and std."""
+    return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), list(contract.mean), list(contract.std))
+
+
+def to_model_input(batch: dict, contract: DataContract, dtype: torch.dtype, channels_last: bool = False) -> dict:
+    """A training batch on the device -> the model's input: uint8 images (every uint8 tensor of a
+    batch is an image batch: "image", "view1", "view2") normalised in fp32, then cast to ``dtype``;
+    other tensors unchanged. ``channels_last`` lays images out NHWC, which makes cuDNN choose its NHWC
+    convolutions. Only the images: ``model.to(memory_format=torch.channels_last)`` breaks DeepSpeed's
+    initial parameter broadcast ("self.stride(-1) must be 1 to view Float as Byte"), and ZeRO's flat
+    parameter buffers would not keep that layout anyway."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return {k: normalize(v, contract).to(dtype, memory_format=memory_format) if v.dtype == torch.uint8 else v
+            for k, v in batch.items()}
 
 
 def interpolation_mode(contract: DataContract) -> T.InterpolationMode:
@@ -53,15 +71,15 @@ class RandomResizedCrop:
 @TRANSFORMS.register("clip_train")
 def clip_train(cfg: DataConfig, contract: DataContract) -> Transform:
     crop = RandomResizedCrop(contract.image_size, cfg.crop_scale, contract.interpolation)
-    transform = T.Compose([crop, *_normalize(contract)])
-    return lambda image: {"image": transform(image)}
+    transform = T.Compose([crop, T.PILToTensor()])
+    return lambda image: {"image": transform(image)}  # uint8 (3, H, W)
 
 
 @TRANSFORMS.register("eval")
 def eval_transform(cfg: DataConfig | None, contract: DataContract) -> Transform:
     resize = T.Resize(contract.image_size, interpolation=interpolation_mode(contract))
-    transform = T.Compose([resize, T.CenterCrop(contract.image_size), *_normalize(contract)])
-    return lambda image: {"image": transform(image.convert("RGB"))}
+    transform = T.Compose([resize, T.CenterCrop(contract.image_size), T.PILToTensor()])
+    return lambda image: {"image": normalize(transform(image.convert("RGB")), contract)}  # fp32 (3, H, W)
 
 
 # ---------------------------------------------------------------------------- two views (SimCLR, MoCo v2)
@@ -72,7 +90,7 @@ JITTER = {"simclr": (0.8, 0.8, 0.8, 0.2), "moco_v2": (0.4, 0.4, 0.4, 0.1)}
 
 
 def augmentation(jitter: tuple[float, ...], crop_scale: tuple[float, float], contract: DataContract) -> T.Compose:
-    """One view's random augmentation, ending in the contract's size and normalisation."""
+    """One view's random augmentation (uint8 throughout), ending in the contract's size."""
     size = contract.image_size
     blur_kernel = max(3, size // 10) | 1  # SimCLR: 10% of the image side, odd
     brightness, contrast, saturation, hue = jitter
@@ -84,8 +102,6 @@ def augmentation(jitter: tuple[float, ...], crop_scale: tuple[float, float], con
         T.RandomApply([T.ColorJitter(brightness, contrast, saturation, min(hue, 0.5))], p=0.8),
         T.RandomGrayscale(p=0.2),
         T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(contract.mean, contract.std),
     ])
 
 
@@ -95,7 +111,7 @@ def two_views(preset: str) -> Callable[[DataConfig, DataContract], Transform]:
     def build(cfg: DataConfig, contract: DataContract) -> Transform:
         jitter = tuple(cfg.jitter_strength * j for j in JITTER[preset])
         augment = augmentation(jitter, cfg.crop_scale, contract)
-        return lambda image: {"view1": augment(image), "view2": augment(image)}  # (3, H, W) each
+        return lambda image: {"view1": augment(image), "view2": augment(image)}  # uint8 (3, H, W) each
 
     return build
 

@@ -1,6 +1,8 @@
 """Run under torchrun (2 ranks): CLIP loss and gradients vs one process on the global batch.
 
 Writes ``{"dense": {...}, "chunked": {...}}`` of max abs differences to argv[1] (rank 0).
+With argv[2] == "reduce_scatter" the gather's backward takes its NCCL path (reduce-scatter),
+run here by gloo's own reduce_scatter since NCCL needs GPUs; the calls are counted.
 The single-process reference is computed before the process group exists, so the same
 ``clip_loss`` runs with world size 1 there and 2 afterwards.
 """
@@ -12,6 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import train.gather
 from train.objectives.clip import clip_loss
 
 GLOBAL_BATCH, DIM, CHUNK = 16, 8, 3  # chunk 3 leaves ragged blocks on purpose
@@ -31,7 +34,12 @@ def loss_and_grads(image, text, log_scale, chunk):
     return loss.detach(), image.grad, text.grad, log_scale.grad
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, backward: str) -> None:
+    calls = []
+    if backward == "reduce_scatter":
+        train.gather.REDUCE_SCATTER_BACKENDS.add("gloo")
+        reduce_scatter = dist.reduce_scatter_single
+        dist.reduce_scatter_single = lambda *args, **kwargs: calls.append(1) or reduce_scatter(*args, **kwargs)
     image, text, log_scale = inputs()
     reference = {chunk: loss_and_grads(image, text, log_scale, chunk) for chunk in (0, CHUNK)}
     dist.init_process_group("gloo")
@@ -52,6 +60,7 @@ def main(out_path: str) -> None:
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         result[name] = dict(zip(["loss", "grad_image", "grad_text", "grad_logit_scale"], diffs.tolist()))
         result[name]["loss_value"] = loss.item()
+    result["reduce_scatter_calls"] = len(calls)
     result["dense_vs_chunked_loss"] = abs(result["dense"]["loss_value"] - result["chunked"]["loss_value"])
     if rank == 0:
         with open(out_path, "w") as f:
@@ -61,4 +70,4 @@ def main(out_path: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "all_reduce")

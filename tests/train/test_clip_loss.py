@@ -34,12 +34,14 @@ def test_chunked_logsumexp_gradcheck():
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_single_process_on_global_batch(tmp_path, torchrun):
+@pytest.mark.parametrize("backward", ["all_reduce", "reduce_scatter"])  # gloo's path, NCCL's path (on gloo)
+def test_two_ranks_equal_single_process_on_global_batch(tmp_path, torchrun, backward):
     out = tmp_path / "result.json"
-    proc = torchrun(["tests/train/dist_clip_loss.py", str(out)])
+    proc = torchrun(["tests/train/dist_clip_loss.py", str(out), backward])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     for form in ("dense", "chunked"):
         for key in ("loss", "grad_image", "grad_text", "grad_logit_scale"):
             assert result[form][key] < 1e-5, (form, key, result[form][key])
     assert result["dense_vs_chunked_loss"] < 1e-5
+    assert (result["reduce_scatter_calls"] > 0) == (backward == "reduce_scatter")

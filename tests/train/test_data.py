@@ -5,10 +5,13 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
 
 from train.config import DataConfig
 from train.contract import DataContract
 from train.data import ShardStream, TrainLoader
+from train.transforms import TRANSFORMS, to_model_input
 
 CONTRACT = DataContract(image_size=32, context_length=16)
 
@@ -31,7 +34,7 @@ def truncated_shards(fmnist_shards, tmp_path_factory):
 
 def test_batches_have_the_contract_shapes(fmnist_shards):
     batch = next(iter(_loader(fmnist_shards, workers=0)))
-    assert batch["image"].shape == (16, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (16, 3, 32, 32) and batch["image"].dtype == torch.uint8  # normalised on the device
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (16, 16)
     assert batch["sample_id"].dtype == torch.int64 and len(set(batch["sample_id"].tolist())) == 16
 
@@ -70,3 +73,25 @@ def test_too_few_shards_for_ranks_and_workers_is_an_error(fmnist_shards):
         ShardStream(cfg, CONTRACT, rank=0, world=8, seed=0)
     ShardStream(DataConfig(path=str(fmnist_shards), batch_size=4, workers=2, resampled=True), CONTRACT, 0, 8, 0)
 
+
+
+@pytest.mark.parametrize("name", ["clip_train", "simclr", "moco_v2"])
+def test_uint8_from_workers_normalised_on_the_device_equals_the_old_fp32_bit_for_bit(name):
+    """The workers used to end in ToDtype(float32, scale=True) + Normalize per sample; those two
+    steps (no randomness) now run batched after the copy: the values must not change at all."""
+    cfg = DataConfig(path="unused", transform=name)
+    transform = TRANSFORMS.build(name, cfg, CONTRACT)
+    torch.manual_seed(0)
+    images = [Image.effect_noise((40, 36), 60 + 10 * i).convert("RGB") for i in range(3)]
+    samples = [transform(image) for image in images]
+    old_tail = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(CONTRACT.mean, CONTRACT.std)])
+    for key in samples[0]:
+        uint8 = torch.stack([s[key] for s in samples])
+        assert uint8.dtype == torch.uint8 and uint8.shape == (3, 3, 32, 32)
+        old = torch.stack([old_tail(s[key]) for s in samples])
+        assert torch.equal(to_model_input({key: uint8}, CONTRACT, torch.float32)[key], old)
+        bf16 = to_model_input({key: uint8}, CONTRACT, torch.bfloat16, channels_last=True)[key]
+        assert torch.equal(bf16, old.to(torch.bfloat16))  # what to_device's cast made of the old fp32
+        assert bf16.is_contiguous(memory_format=torch.channels_last)
+    ids = torch.arange(3)
+    assert to_model_input({"sample_id": ids}, CONTRACT, torch.bfloat16)["sample_id"] is ids

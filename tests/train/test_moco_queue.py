@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from train.models.ssl import SSLEncoder
 from train.objectives.moco import MoCo
+from train.queue import FeatureQueue
 
 WORLD, LOCAL_BATCH, QUEUE, MOMENTUM = 2, 2, 12, 0.9
 
@@ -83,6 +84,16 @@ def test_key_encoder_follows_the_ema_of_the_query_encoder(ranks):
             torch.testing.assert_close(key, expected)
         moved = [n for n in r["key_after"] if not torch.equal(r["key_after"][n], r["key_before"][n])]
         assert moved, "the key encoder did not move"
+
+
+def test_enqueue_wraps_the_ring_without_reading_the_pointer_on_the_host():
+    queue = FeatureQueue(4, key=2)
+    for step in range(3):
+        queue.enqueue(key=torch.full((2, 2), float(step)))
+    assert int(queue.ptr) == 2 and queue.get("key")[:, 0].tolist() == [2.0, 2.0, 1.0, 1.0]
+    # On the meta device a host read (int(ptr), .item()) raises: enqueue must never need one.
+    meta = FeatureQueue(4, key=2).to("meta")
+    meta.enqueue(key=torch.empty(2, 2, device="meta"))
 
 
 def test_queue_size_must_tile_the_global_batch():

@@ -16,7 +16,8 @@ def test_moco_training_on_two_ranks_lowers_the_loss(torchrun, fmnist_shards, tmp
     # encoder (momentum 0.9) lets 20 steps show learning.
     args = ["-m", "train.main", "--config", "configs/moco/tiny.yaml", f"data.path={fmnist_shards}",
             f"run.run_dir={tmp_path / 'run'}", f"run.steps={STEPS}", "run.log_every=1", "data.workers=1",
-            "objective.queue_size=64", "objective.momentum=0.9"]
+            "objective.queue_size=64", "objective.momentum=0.9",
+            "run.channels_last=true"]  # NHWC images through real DeepSpeed (the model keeps its layout)
     result = torchrun(args, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

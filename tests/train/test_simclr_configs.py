@@ -10,7 +10,7 @@ from pipeline.core import config
 from train.batchnorm import GlobalBatchNorm
 from train.config import TrainConfig
 from train.registry import MODELS, OBJECTIVES
-from train.transforms import TRANSFORMS
+from train.transforms import TRANSFORMS, to_model_input
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SSL_CONFIGS = sorted((CONFIGS / "simclr").glob("*.yaml")) + sorted((CONFIGS / "moco").glob("*.yaml"))
@@ -32,12 +32,14 @@ def test_tiny_objective_trains_on_two_views_from_its_transform(name):
     transform = TRANSFORMS.build(cfg.data.transform, cfg.data, model.contract)
     samples = [transform(Image.new("L", (28, 28), color=40 * i)) for i in range(4)]
     batch = {key: torch.stack([s[key] for s in samples]) for key in ("view1", "view2")}
+    batch = to_model_input(batch, model.contract, torch.float32)  # the trainer's step after the copy
     assert batch["view1"].shape == (4, 3, 32, 32) and not torch.equal(batch["view1"], batch["view2"])
     out = objective(batch)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.head[0].weight.grad is not None
     assert model.encode_image(batch["view1"]).shape == (4, model.backbone.num_features)
     assert any(isinstance(m, GlobalBatchNorm) for m in model.modules()) == cfg.model.sync_bn
+    assert issubclass(GlobalBatchNorm, torch.nn.SyncBatchNorm)  # on CUDA: SyncBatchNorm's fused kernels
 
 
 def test_sync_bn_refuses_batchnorm_it_cannot_convert():

@@ -68,6 +68,15 @@ class ALBEFConfig:
                             tokenizer_path=local_model_dir(self.bert_path), context_length=self.context_length)
 
 
+def padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) 1/0 token mask -> (B, 1, 1, L) additive bias in the compute dtype: 0 for real keys, the
+    dtype's lowest value for padding. SDPA's memory-efficient CUDA kernel takes it as it is; a
+    boolean mask is converted to this form in every attention call. (Not -inf: a row with no
+    real key stays finite.)"""
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill_(attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+
+
 class Attention(nn.Module):
     """BERT's post-norm attention sublayer; ``context`` is the text itself or the image tokens."""
 
@@ -222,7 +231,7 @@ class ALBEF(nn.Module):
 
     def _run(self, layers: nn.ModuleList, x: torch.Tensor, attention_mask: torch.Tensor,
              image: torch.Tensor | None = None) -> torch.Tensor:
-        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): keys that are real tokens
+        mask = padding_bias(attention_mask, x.dtype)  # once per stack, not converted in each layer's SDPA call
         for layer in layers:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(layer, x, mask, image, use_reentrant=False)

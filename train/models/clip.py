@@ -64,12 +64,15 @@ class TextTransformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
         x = self.token_embedding(input_ids) + self.positional_embedding[:length]  # (B, L, W)
+        # is_causal=True reaches scaled_dot_product_attention as is_causal with no mask (the float
+        # mask only satisfies nn.MultiheadAttention's argument check), which lets CUDA take the
+        # flash kernel; an explicit additive mask rules flash out.
         mask = self.causal_mask[:length, :length].to(x.dtype)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, src_mask=mask, is_causal=True, use_reentrant=False)
             else:
-                x = block(x, src_mask=mask)
+                x = block(x, src_mask=mask, is_causal=True)
         x = self.ln_final(x)
         # Causal attention: the last real token (end-of-text) has seen the whole caption.
         last = attention_mask.sum(1).clamp(min=1) - 1  # (B,)
