@@ -7,8 +7,9 @@
 - ``open_clip:MODEL[:PRETRAINED]``: any open_clip architecture; PRETRAINED is a tag or a
   local weights file (tags need the hub, which tests and the demo never use).
 - anything else: a run, checkpoints or ``step_*`` directory written by this project's
-  trainer. The model is rebuilt from the config stored in the checkpoint, its weights
-  consolidated from whatever ZeRO stage wrote them, and the eval preprocessing and tokenizer
+  trainer. The model is rebuilt from the config stored in the checkpoint, its weights read
+  from the checkpoint's ``model.safetensors`` (no DeepSpeed import; older checkpoints are
+  consolidated from whatever ZeRO stage wrote them), and the eval preprocessing and tokenizer
   come from the model's data contract. The model is the objective's ``model`` (for ALBEF the
   whole ALBEF model, with its ITM head).
 """
@@ -101,7 +102,9 @@ def load_objective(spec: str) -> tuple[torch.nn.Module, TrainConfig]:
     folder, tag = checkpoint.resolve(spec)
     cfg = config_io.load(TrainConfig, f"{folder}/{tag}/config.yaml")
     objective = OBJECTIVES.build(cfg.objective.name, cfg.objective, MODELS.build(cfg.model.name, cfg.model))
-    state = parallel.consolidated_state_dict(folder, tag)
+    state = checkpoint.read_weights(folder, tag)
+    if state is None:  # a checkpoint written before model.safetensors existed
+        state = parallel.consolidated_state_dict(folder, tag)
     # Non-persistent buffers are rebuilt by the constructor; every saved key must match exactly.
     # Frozen parameters (momentum encoders) are not among the consolidated fp32 weights; the
     # returned objective is for its online model, so they stay as built.
