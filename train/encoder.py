@@ -119,7 +119,8 @@ def load_objective(spec: str) -> tuple[torch.nn.Module, TrainConfig]:
     # Frozen parameters (momentum encoders) are not among the consolidated fp32 weights; the
     # returned objective is for its online model, so they stay as built.
     missing, unexpected = objective.load_state_dict(state, strict=False)
-    frozen = {name for name, p in objective.named_parameters() if not p.requires_grad}
+    # remove_duplicate=False: a tied weight of a frozen copy (ALBEF momentum MLM head) is frozen under each of its names
+    frozen = {name for name, p in objective.named_parameters(remove_duplicate=False) if not p.requires_grad}
     persistent = set(objective.state_dict()) - frozen
     if unexpected or set(missing) & persistent:
         raise KeyError(f"checkpoint {folder}/{tag} does not match {cfg.model.name}: "
