@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.core.errors import UserError
 from pipeline.embedded import CLASSNAMES, fashion_mnist_test
-from train import export, interop, tokenizers
+from train import export, tokenizers
 from train.encoder import load_encoder
 from train.registry import MODELS
 from train.transforms import TRANSFORMS
