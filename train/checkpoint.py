@@ -5,6 +5,7 @@ Layout of ``run_dir/checkpoints/``::
     step_0000100/            DeepSpeed's files (model, optimizer partitions) written by every rank
         trainer_rank{r}.pt   step, data position and RNG states of rank r
         config.yaml          the resolved config (rebuilds the model for export)
+        model.safetensors    the consolidated fp32 weights (rank 0), readable without DeepSpeed
     latest                   the tag of the newest complete checkpoint
 
 ``latest`` moves (atomically) only after every rank has finished writing, so a job killed
@@ -22,9 +23,10 @@ import torch
 from pipeline.core import config as config_io
 from pipeline.core.io import atomic_write, exists
 from pipeline.core.log import get_logger
-from train.parallel import barrier
+from train.parallel import barrier, consolidated_state_dict
 
 log = get_logger(__name__)
+WEIGHTS = "model.safetensors"
 
 
 def tag_for(step: int) -> str:
@@ -59,6 +61,28 @@ def resolve(spec: str) -> tuple[str, str]:
     raise FileNotFoundError(f"no checkpoint at {spec} (expected a run dir, a checkpoints dir or a step_* dir)")
 
 
+def write_weights(folder: str, tag: str) -> None:
+    """``tag/model.safetensors``: the fp32 weights consolidated from every rank's ZeRO files of ``tag``."""
+    from safetensors.torch import save
+
+    state, seen = consolidated_state_dict(folder, tag), set()
+    for name, tensor in state.items():  # safetensors stores no aliases: tied tensors get their own copy
+        state[name] = tensor.clone() if tensor.data_ptr() in seen else tensor.contiguous()
+        seen.add(tensor.data_ptr())
+    with atomic_write(f"{folder}/{tag}/{WEIGHTS}") as f:
+        f.write(save(state))
+
+
+def read_weights(folder: str, tag: str) -> dict[str, torch.Tensor] | None:
+    """The consolidated weights of ``tag`` if it has them (checkpoints of older runs do not), loaded without DeepSpeed."""
+    from safetensors.torch import load
+
+    if not exists(f"{folder}/{tag}/{WEIGHTS}"):
+        return None
+    with fsspec.open(f"{folder}/{tag}/{WEIGHTS}", "rb") as f:
+        return load(f.read())
+
+
 class Checkpointer:
     def __init__(self, folder: str, every: int, keep_last: int, rank: int, cfg):
         self.folder, self.every, self.keep_last, self.rank, self.cfg = folder.rstrip("/"), every, keep_last, rank, cfg
@@ -75,6 +99,7 @@ class Checkpointer:
             config_io.save(self.cfg, f"{self.folder}/{tag}/config.yaml")
         barrier()  # every rank's files are complete before `latest` points at them
         if self.rank == 0:
+            write_weights(self.folder, tag)
             with atomic_write(f"{self.folder}/latest", "w") as f:
                 f.write(tag)
             self._prune()

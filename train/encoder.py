@@ -6,9 +6,12 @@
 
 - ``open_clip:MODEL[:PRETRAINED]``: any open_clip architecture; PRETRAINED is a tag or a
   local weights file (tags need the hub, which tests and the demo never use).
+- ``open_clip:local-dir:FOLDER`` or just ``FOLDER``: an open_clip model folder
+  (``open_clip_config.json`` + weights), e.g. one written by ``python -m train.export --to open_clip``.
 - anything else: a run, checkpoints or ``step_*`` directory written by this project's
-  trainer. The model is rebuilt from the config stored in the checkpoint, its weights
-  consolidated from whatever ZeRO stage wrote them, and the eval preprocessing and tokenizer
+  trainer. The model is rebuilt from the config stored in the checkpoint, its weights read
+  from the checkpoint's ``model.safetensors`` (no DeepSpeed import; older checkpoints are
+  consolidated from whatever ZeRO stage wrote them), and the eval preprocessing and tokenizer
   come from the model's data contract. The model is the objective's ``model`` (for ALBEF the
   whole ALBEF model, with its ITM head).
 """
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.core import config as config_io
+from pipeline.core.io import exists
 from pipeline.core.registry import Registry
 from train import checkpoint, parallel, tokenizers
 from train.config import TrainConfig
@@ -52,6 +56,8 @@ class Encoder:
 
 
 def load_encoder(spec: str, device: str = "cpu") -> Encoder:
+    if exists(f"{spec}/open_clip_config.json"):  # a folder written by `python -m train.export --to open_clip`
+        spec = f"open_clip:local-dir:{spec}"
     encoder = LOADERS.build("open_clip" if spec.startswith("open_clip:") else "checkpoint", spec, device)
     encoder.model.eval()
     return encoder
@@ -76,8 +82,10 @@ class _OpenClipModel(nn.Module):
 def _load_open_clip(spec: str, device: str) -> Encoder:
     import open_clip
 
-    _, name, *rest = spec.split(":", 2)
-    pretrained = rest[0] if rest else None
+    name, pretrained = spec.removeprefix("open_clip:"), None
+    if not name.startswith("local-dir:"):  # a folder holds its weights; a name may be followed by them
+        name, _, pretrained = name.partition(":")
+        pretrained = pretrained or None
     if name.endswith(".json"):  # an architecture of one's own: open_clip:path/to/NAME.json[:WEIGHTS]
         open_clip.add_model_config(name)
         name = name.rsplit("/", 1)[-1].removesuffix(".json")
@@ -100,13 +108,19 @@ def load_objective(spec: str) -> tuple[torch.nn.Module, TrainConfig]:
     """The trained objective (holding the model) of a run, checkpoints or step_* directory, on CPU."""
     folder, tag = checkpoint.resolve(spec)
     cfg = config_io.load(TrainConfig, f"{folder}/{tag}/config.yaml")
-    objective = OBJECTIVES.build(cfg.objective.name, cfg.objective, MODELS.build(cfg.model.name, cfg.model))
-    state = parallel.consolidated_state_dict(folder, tag)
+    # The checkpoint holds every weight: the initial weights a run started from (model.init_from) are not
+    # read again, and may be gone.
+    model_cfg = dataclasses.replace(cfg.model, init_from="") if getattr(cfg.model, "init_from", "") else cfg.model
+    objective = OBJECTIVES.build(cfg.objective.name, cfg.objective, MODELS.build(cfg.model.name, model_cfg))
+    state = checkpoint.read_weights(folder, tag)
+    if state is None:  # a checkpoint written before model.safetensors existed
+        state = parallel.consolidated_state_dict(folder, tag)
     # Non-persistent buffers are rebuilt by the constructor; every saved key must match exactly.
     # Frozen parameters (momentum encoders) are not among the consolidated fp32 weights; the
     # returned objective is for its online model, so they stay as built.
     missing, unexpected = objective.load_state_dict(state, strict=False)
-    frozen = {name for name, p in objective.named_parameters() if not p.requires_grad}
+    # remove_duplicate=False: a tied weight of a frozen copy (ALBEF momentum MLM head) is frozen under each of its names
+    frozen = {name for name, p in objective.named_parameters(remove_duplicate=False) if not p.requires_grad}
     persistent = set(objective.state_dict()) - frozen
     if unexpected or set(missing) & persistent:
         raise KeyError(f"checkpoint {folder}/{tag} does not match {cfg.model.name}: "

@@ -10,8 +10,10 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
-from train_runs import cached_runs, kill_one_rank_at_checkpoint
+from train.encoder import load_encoder
+from train_runs import cached_runs, embed_without_deepspeed, kill_one_rank_at_checkpoint
 
 pytestmark = pytest.mark.slow
 STEPS, KILL_AFTER = 12, "step_0000004"
@@ -52,6 +54,13 @@ def test_zero_stage_lowers_itc_itm_and_mlm(runs, stage):
         first = sum(curve[s][term] for s in (1, 2, 3)) / 3
         last = sum(curve[s][term] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
         assert last < first, (term, [round(curve[s][term], 3) for s in curve])
+
+
+def test_albef_run_loads_from_its_consolidated_weights_without_deepspeed(runs, tmp_path):
+    """The momentum encoder's tied MLM head (a frozen alias) must not make the load refuse the checkpoint."""
+    embedding = embed_without_deepspeed(runs(1), tmp_path)
+    encoder = load_encoder(str(runs(1)))
+    assert torch.equal(embedding, encoder.embed_images(encoder.preprocess(Image.new("RGB", (28, 28), 128))[None]))
 
 
 def test_killed_run_resumes_onto_the_same_curve_and_queues(runs, fmnist_shards, tmp_path, torchrun, torchrun_popen):

@@ -10,10 +10,12 @@ import math
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from train.encoder import load_encoder
+from train.parallel import consolidated_state_dict
 from conftest import write_fmnist_shards
-from train_runs import cached_runs, kill_one_rank_at_checkpoint
+from train_runs import cached_runs, embed_without_deepspeed, kill_one_rank_at_checkpoint
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -56,6 +58,19 @@ def test_zero3_checkpoint_exports_an_encoder(runs):
     images = torch.stack([encoder.preprocess(Image.new("L", (28, 28), 128))] * 2)
     assert encoder.embed_images(images).shape == (2, 64)
     assert encoder.embed_texts(["a photo of a bag"]).shape == (1, 64)
+
+
+def test_every_checkpoint_has_consolidated_weights_that_load_without_deepspeed(runs, tmp_path):
+    checkpoints = runs(3) / "checkpoints"  # ZeRO-3: every rank holds a partition of every parameter
+    tags = sorted(p.name for p in checkpoints.glob("step_*"))
+    assert tags == ["step_0000004", "step_0000008", "step_0000012"]
+    for tag in tags:
+        weights, reference = load_file(checkpoints / tag / "model.safetensors"), consolidated_state_dict(str(checkpoints), tag)
+        assert sorted(weights) == sorted(reference)
+        assert all(torch.equal(weights[k], reference[k]) for k in weights), tag
+    grey = Image.new("RGB", (28, 28), 128)
+    encoder = load_encoder(str(runs(3)))
+    assert torch.equal(embed_without_deepspeed(runs(3), tmp_path), encoder.embed_images(encoder.preprocess(grey)[None]))
 
 
 def test_kill_one_rank_then_resume_matches_the_uninterrupted_curve(runs, fmnist_shards, tmp_path, torchrun,

@@ -1,14 +1,36 @@
-"""Helpers of the tests that launch the trainer: runs shared within a module, a rank killed mid-run."""
+"""Helpers of the tests that launch the trainer: runs shared within a module, a rank killed mid-run,
+a run loaded in a fresh process that must not import DeepSpeed."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
+import torch
+
+# Loads a run in a fresh process and fails if that imported DeepSpeed; saves an image embedding.
+LOAD_WITHOUT_DEEPSPEED = """
+import sys, torch
+from PIL import Image
+from train.encoder import load_encoder
+encoder = load_encoder(sys.argv[1])
+assert "deepspeed" not in sys.modules, "loading the run imported deepspeed"
+torch.save(encoder.embed_images(encoder.preprocess(Image.new("RGB", (28, 28), 128))[None]), sys.argv[2])
+"""
+
+
+def embed_without_deepspeed(run_dir: Path, tmp_path: Path) -> torch.Tensor:
+    """(1, D) embedding of a grey image by ``run_dir``'s encoder, loaded in a process that never imports DeepSpeed."""
+    out = tmp_path / "embedding.pt"
+    loaded = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DEEPSPEED, str(run_dir), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    return torch.load(out, weights_only=True)
 
 
 def cached_runs(tmp_path_factory, torchrun, args_of, name: str, timeout: float):

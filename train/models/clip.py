@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.core.config import ConfigError
 from pipeline.core.registry import Registry
+from train import interop
 from train.contract import DataContract
 from train.models.towers import timm_tower
 from train.registry import register_variants
@@ -37,6 +39,7 @@ class ClipConfig:
     vocab_size: int = 49408  # CLIP BPE
     context_length: int = 77
     hf_path: str = ""  # local Hugging Face encoder directory for text_tower "hf" (model + tokenizer)
+    init_from: str = ""  # initial weights (fine-tuning): an open_clip checkpoint file or folder, or a Hugging Face CLIP folder
 
     def contract(self) -> DataContract:
         if self.text_tower == "hf":
@@ -115,6 +118,17 @@ class CLIP(nn.Module):
         self.image_projection = nn.Linear(self.visual.num_features, cfg.embed_dim, bias=False)
         self.text_projection = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
         self.contract = cfg.contract()
+        if cfg.init_from:
+            self.load_initial_weights(cfg.init_from, cfg.name)
+
+    def load_initial_weights(self, source: str, name: str) -> None:
+        """Every weight from ``source`` (see :func:`train.interop.initial_weights`); the architecture must match."""
+        try:
+            self.load_state_dict(interop.initial_weights(source), strict=True)
+        except (RuntimeError, KeyError) as error:  # missing, unexpected or differently shaped weights
+            detail = str(error).replace("\n", " ")[:600]
+            raise ConfigError(f"model.init_from: {source} does not fit model {name} as configured "
+                              f"(set model.* to the source's architecture): {detail}") from None
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_projection(self.visual(images))  # (B, D), unnormalised
