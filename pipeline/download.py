@@ -26,6 +26,7 @@ from pipeline.core.log import get_logger, setup_logging
 from pipeline.core.shards import Layout
 from pipeline.core.tasks import task_range
 from pipeline.core.errors import run_command
+from pipeline.fetch import NETWORK_KINDS, FetchPolicy
 from pipeline.sources import INTERNAL, InputConfig, prepare
 
 log = get_logger(__name__)
@@ -40,11 +41,28 @@ class DownloadConfig:
     retries: int = 0
     max_pixels: int = 89_478_485  # decompression-bomb limit (PIL's default), also enforced while OpenCV decodes
     distributor: str = "multiprocessing"  # or pyspark / ray (img2dataset's own distributors)
+    # Non-public address kinds that may be fetched (loopback, private, link_local, reserved); the
+    # default serves tests and the demo from 127.0.0.1, production runs set [] (configs/data/production.yaml).
+    allowed_networks: list[str] = dataclasses.field(default_factory=lambda: ["loopback"])
+    per_host: int = 0  # concurrent requests to one host in each download process; 0: no cap
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # any other img2dataset.download keyword
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.allowed_networks) - set(NETWORK_KINDS))
+        if unknown:
+            raise ValueError(f"allowed_networks: unknown kind(s) {unknown} (known: {', '.join(NETWORK_KINDS)})")
+        if self.per_host < 0:
+            raise ValueError("per_host must be >= 0 (0: no cap)")
+
+    def policy(self) -> FetchPolicy:
+        return FetchPolicy(allowed_networks=tuple(self.allowed_networks), per_host=self.per_host)
 
 
 # img2dataset's error_message -> our reason; the first pattern that matches wins.
 ERROR_REASONS = [
+    (r"refused redirect|redirection to url .* is not allowed", "redirect_scheme"),
+    (r"refused address", "refused_address"),
+    (r"infinite loop", "redirect_loop"),
     (r"HTTP Error (\d+)", "http_{0}"),
     (r"X-Robots-Tag", "noai"),
     (r"timed out|timeout", "timeout"),
@@ -78,7 +96,7 @@ def download(layout: Layout, parts: range, cfg: DownloadConfig, part_size: int, 
     if not todo:
         log.info("download: parts %s already done", _span(parts))
         return
-    import img2dataset
+    from pipeline import downloader  # imports img2dataset, which is slow to import
 
     fs, _ = fsspec.core.url_to_fs(layout.root)
     tag = hashlib.sha256(",".join(map(str, todo)).encode()).hexdigest()[:10]
@@ -97,7 +115,7 @@ def download(layout: Layout, parts: range, cfg: DownloadConfig, part_size: int, 
         timeout=cfg.timeout, retries=cfg.retries, distributor=cfg.distributor, compute_hash="sha256",
         incremental_mode="incremental", enable_wandb=False,
     )
-    img2dataset.download(**{**options, **cfg.options})
+    downloader.download(cfg.policy(), **{**options, **cfg.options})
     for j, part in enumerate(todo):
         for suffix in DOWNLOAD_SUFFIXES:
             fs.mv(f"{work}/out/{j:05d}{suffix}", layout.download(part, suffix))

@@ -4,7 +4,11 @@ The list is parquet, csv, tsv or jsonl(.gz): one file or a folder of them, local
 URL (s3://, gs://). Schema problems (a missing url or caption column, an unreadable file) stop
 here, before any work. Every row gets ``row`` (its position in the list), a 128-bit ``uid``
 (given, or derived from url and caption) and ``reject``: "" or why it is never fetched
-(``unsupported_url_scheme``, ``invalid_utf8``, ``invalid_uid``). Other columns are carried through.
+(``unsupported_url_scheme``, ``invalid_utf8``, ``invalid_uid``, ``duplicate_uid``). Missing values (null, NaN) are
+empty strings, never the text "nan". ``fetch_url`` is the url as fetched: spaces and non-ASCII
+characters percent-encoded as a browser would (``url`` keeps what the list said). A byte-order
+mark is skipped; an empty file adds no rows (it is listed in the index), a list with no rows at
+all is an error. Other columns are carried through.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import dataclasses
 import hashlib
 import json
 import re
+import urllib.parse
 from typing import Iterator
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -29,7 +35,9 @@ from pipeline.core.log import get_logger, progress
 log = get_logger(__name__)
 SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl"}
 INTERNAL = ("row", "uid", "url", "caption", "reject", "fetch_url")  # columns this stage owns
-_UID = re.compile(r"^[0-9a-f]{32}$")
+_UID = re.compile(r"[0-9a-f]{32}")  # always fullmatch: "$" would accept a trailing newline
+_NEEDS_QUOTING = r"[^\x21-\x7e]"  # space, control or non-ASCII characters: not valid in a request line
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~"  # reserved characters and "%" keep their meaning; everything else is encoded
 
 
 class InputError(UserError, ValueError):
@@ -93,8 +101,11 @@ def check_schema(schema: pa.Schema, cfg: InputConfig, path: str) -> None:
         raise InputError(f"{path}: missing column(s) {missing} (has {schema.names}); set input.url_col / input.caption_col")
 
 
-def _decode(values: pa.Array) -> tuple[list[str], list[bool]]:
-    """Strings from a string or binary column; invalid UTF-8 becomes "" and is flagged."""
+def _decode(values: pa.ChunkedArray) -> tuple[list[str], list[bool]]:
+    """Strings from a column of any type; missing values (null, NaN) and invalid UTF-8 become "", the latter flagged."""
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_binary(values.type)):
+        missing = pc.is_null(values, nan_is_null=True)  # a float column's NaN is a missing value, not "nan"
+        values = pc.if_else(missing, pa.scalar(None, pa.string()), pc.cast(values, pa.string()))
     texts, bad = [], []
     for value in values.to_pylist():
         if isinstance(value, bytes):
@@ -107,13 +118,28 @@ def _decode(values: pa.Array) -> tuple[list[str], list[bool]]:
     return texts, bad
 
 
+def fetchable(urls: list[str]) -> list[str]:
+    """The urls percent-encoded where a request line needs it (spaces, non-ASCII); the rest unchanged."""
+    out = list(urls)
+    for i in pc.indices_nonzero(pc.match_substring_regex(pa.array(urls, pa.string()), _NEEDS_QUOTING)).to_pylist():
+        scheme, host, *rest = urllib.parse.urlsplit(urls[i])  # a non-ASCII host is IDNA-encoded by http.client itself
+        out[i] = urllib.parse.urlunsplit((scheme, host, *(urllib.parse.quote(x, safe=_URL_SAFE) for x in rest)))
+    return out
+
+
 def derive_uid(url: str, caption: str) -> str:
     """128 bits of sha256(url, caption): the same pair always gets the same uid."""
     return hashlib.sha256(f"{url}\x00{caption}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def normalize(table: pa.Table, cfg: InputConfig, first_row: int) -> pa.Table:
-    """The list's rows with this stage's columns (see the module docstring) plus the extra columns."""
+def normalize(table: pa.Table, cfg: InputConfig, first_row: int, seen_uids: set[str] | None = None) -> pa.Table:
+    """The list's rows with this stage's columns (see the module docstring) plus the extra columns.
+
+    A given uid already in ``seen_uids`` (earlier rows; updated) is a ``duplicate_uid``: two samples
+    with one uid would be one tar key. Derived uids repeat only for a repeated (url, caption) row,
+    which dedupe's ``rows`` level counts as ``duplicate_row``.
+    """
+    seen_uids = set() if seen_uids is None else seen_uids
     urls, bad_url = _decode(table[cfg.url_col])
     captions, bad_caption = _decode(table[cfg.caption_col])
     given = table[cfg.uid_col].to_pylist() if cfg.uid_col else [None] * len(urls)
@@ -123,13 +149,16 @@ def normalize(table: pa.Table, cfg: InputConfig, first_row: int) -> pa.Table:
         uids.append(uid)
         scheme = url.split("://", 1)[0].lower() if "://" in url else ""
         reject.append(
-            "invalid_utf8" if bu or bc else "invalid_uid" if not _UID.match(uid)
+            "invalid_utf8" if bu or bc else "invalid_uid" if not _UID.fullmatch(uid)
+            else "duplicate_uid" if cfg.uid_col and uid in seen_uids
             else "" if scheme in ("http", "https") else "unsupported_url_scheme"
         )
+        if cfg.uid_col:
+            seen_uids.add(uid)
     columns = {
         "row": pa.array(range(first_row, first_row + len(urls)), pa.int64()),
         "uid": uids, "url": urls, "caption": captions, "reject": reject,
-        "fetch_url": [u if r == "" else "" for u, r in zip(urls, reject)],  # what img2dataset may fetch
+        "fetch_url": [u if r == "" else "" for u, r in zip(fetchable(urls), reject)],  # what img2dataset may fetch
     }
     extras = [c for c in table.column_names if c not in (cfg.url_col, cfg.caption_col, cfg.uid_col, *INTERNAL)]
     columns.update({c: table[c] for c in extras})
@@ -155,13 +184,16 @@ def prepare(path: str, cfg: InputConfig, layout) -> dict:
     if exists(layout.input_index):
         return read_json(layout.input_index)
     files = input_files(path, cfg.format)
-    for name, fmt in files:  # every schema first: a bad file stops the run before any work
-        _check_file_schema(name, fmt, cfg)
+    # every schema first: a bad file stops the run before any work; an empty one adds no rows
+    empty = [name for name, fmt in files if not _check_file_schema(name, fmt, cfg)]
+    files = [(name, fmt) for name, fmt in files if name not in empty]
+    for name in empty:
+        log.warning("input: %s is empty, skipped", name)
 
     def tables() -> Iterator[pa.Table]:
-        first = 0
+        first, seen_uids = 0, set()
         for name, fmt in progress(files, desc="read list"):
-            table = normalize(read_list(name, fmt, cfg), cfg, first)
+            table = normalize(read_list(name, fmt, cfg), cfg, first, seen_uids)
             first += table.num_rows
             yield table
 
@@ -175,21 +207,35 @@ def prepare(path: str, cfg: InputConfig, layout) -> dict:
             if reason:
                 rejected[reason] = rejected.get(reason, 0) + 1
     if rows == 0:
-        raise InputError(f"{path!r} has no rows")
-    index = {"rows": rows, "parts": parts, "part_size": cfg.part_size, "rejected": rejected, "source": str(path)}
+        raise InputError(f"{path}: the URL list has no rows{' (empty file)' if empty else ''}; "
+                         "give a list with a header line and at least one row")
+    index = {"rows": rows, "parts": parts, "part_size": cfg.part_size, "rejected": rejected, "source": str(path),
+             "empty_files": empty}
     write_json(layout.input_index, index)
     log.info("input: %d rows in %d parts of %d (%s rejected before download)", rows, parts, cfg.part_size, sum(rejected.values()))
     return index
 
 
-def _check_file_schema(name: str, fmt: str, cfg: InputConfig) -> None:
+def _check_file_schema(name: str, fmt: str, cfg: InputConfig) -> bool:
+    """Check that the file has the configured columns; False when it is empty (no header, no rows)."""
     try:
         with fsspec.open(name, "rb", compression="infer") as f:
             if fmt == "parquet":
+                if not f.read(1):
+                    return False
+                f.seek(0)
                 names = pq.read_schema(f).names
             else:
-                first = f.readline().decode("utf-8", "replace")
+                first = f.readline()
+                if first.strip() in (b"", b"\xef\xbb\xbf") and not f.read(1):
+                    return False
+                if first.startswith((b"\xff\xfe", b"\xfe\xff")):
+                    raise InputError(f"{name} is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+                first = first.decode("utf-8-sig", "replace")  # a UTF-8 byte-order mark is not part of the first column's name
                 names = list(json.loads(first)) if fmt == "jsonl" else next(csv.reader([first.rstrip("\r\n")], delimiter="\t" if fmt == "tsv" else ","))
+    except InputError:
+        raise
     except (OSError, ValueError, pa.ArrowException) as err:
         raise InputError(f"cannot read {name!r} as {fmt}: {err}") from None
     check_schema(pa.schema([(n, pa.string()) for n in names]), cfg, name)
+    return True

@@ -1,5 +1,9 @@
 """The URL list front door: schema errors stop before any work; bad rows are counted, not fatal."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,3 +64,88 @@ def test_top_fraction_is_computed_over_the_whole_dataset():
     reasons = ClipScore(ClipScoreConfig(fraction=0.3), None).dataset(table)
     kept = [i for i, r in enumerate(reasons) if not r]
     assert len(kept) == 30 and min(kept) >= 50 and kept == list(range(70, 100))
+
+
+# ---------------------------------------------------------------------------- hostile rows and files
+
+
+def prepared(tmp_path, name: str, data: bytes, cfg: InputConfig | None = None) -> list[dict]:
+    (tmp_path / name).write_bytes(data)
+    layout = Layout(str(tmp_path / "out"))
+    prepare(str(tmp_path / name), cfg or InputConfig(), layout)
+    return pq.read_table(layout.input_part(0)).to_pylist()
+
+
+def test_a_uid_with_a_trailing_newline_is_invalid(tmp_path):
+    uid = "0123456789abcdef0123456789abcdef"
+    table = pa.table({"url": ["http://h/1.jpg", "http://h/2.jpg"], "caption": ["a", "b"], "key": [uid, uid.replace("0", "1") + "\n"]})
+    pq.write_table(table, tmp_path / "urls.parquet")
+    layout = Layout(str(tmp_path / "out"))
+    prepare(str(tmp_path / "urls.parquet"), InputConfig(uid_col="key"), layout)
+    assert [r["reject"] for r in pq.read_table(layout.input_part(0)).to_pylist()] == ["", "invalid_uid"]
+
+
+def test_duplicate_given_uids_are_counted_not_merged(tmp_path):
+    uid = "0123456789abcdef0123456789abcdef"
+    data = f"url,caption,key\nhttp://h/1.jpg,first,{uid}\nhttp://h/2.jpg,second,{uid.upper()}\n".encode()
+    rows = prepared(tmp_path, "urls.csv", data, InputConfig(uid_col="key"))
+    assert [(r["caption"], r["reject"]) for r in rows] == [("first", ""), ("second", "duplicate_uid")]
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+    rows = prepared(tmp_path, "urls.csv", b"\xef\xbb\xbfurl,caption\nhttp://h/1.jpg,a shirt\n")
+    assert [(r["url"], r["caption"], r["reject"]) for r in rows] == [("http://h/1.jpg", "a shirt", "")]
+
+
+def test_missing_captions_are_empty_not_nan(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"url": ["http://h/1.jpg", "http://h/2.jpg", "http://h/3.jpg"],
+                          "caption": pd.array(["a shirt", pd.NA, None], dtype="string")})
+    frame.to_parquet(tmp_path / "na.parquet")
+    pq.write_table(pa.table({"url": ["http://h/4.jpg", "http://h/5.jpg"], "caption": [float("nan"), 2.5]}), tmp_path / "nan.parquet")
+    layout = Layout(str(tmp_path / "out"))
+    prepare(str(tmp_path), InputConfig(), layout)
+    assert [r["caption"] for r in pq.read_table(layout.input_part(0)).to_pylist()] == ["a shirt", "", "", "", "2.5"]
+
+
+def test_spaces_and_non_ascii_are_percent_encoded_for_the_fetch_only(tmp_path):
+    urls = ["http://h/a b.jpg", "http://h/ünï/çödé.jpg?q=ä b&x=1", "http://h/already%20done.jpg", "http://h/plain.jpg"]
+    data = "".join(json.dumps({"url": u, "caption": "a"}) + "\n" for u in urls).encode()
+    rows = prepared(tmp_path, "urls.jsonl", data)
+    assert [r["url"] for r in rows] == urls
+    assert [r["fetch_url"] for r in rows] == [
+        "http://h/a%20b.jpg", "http://h/%C3%BCn%C3%AF/%C3%A7%C3%B6d%C3%A9.jpg?q=%C3%A4%20b&x=1",
+        "http://h/already%20done.jpg", "http://h/plain.jpg"]
+
+
+def test_empty_files_add_no_rows_and_an_empty_list_is_one_clear_line(tmp_path):
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "a.csv").write_bytes(b"url,caption\nhttp://h/1.jpg,a shirt\n")
+    (tmp_path / "list" / "b.csv").write_bytes(b"")
+    index = prepare(str(tmp_path / "list"), InputConfig(), Layout(str(tmp_path / "out")))
+    assert index["rows"] == 1 and [n.rsplit("/", 1)[-1] for n in index["empty_files"]] == ["b.csv"]
+    (tmp_path / "empty.csv").write_bytes(b"\xef\xbb\xbf")
+    result = subprocess.run([sys.executable, "-m", "pipeline.download", "--input", str(tmp_path / "empty.csv"), "--output", str(tmp_path / "o2")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # after the log lines
+    assert errors == [result.stderr.strip().splitlines()[-1]] and "empty.csv" in errors[0] and "no rows" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_utf16_list_is_a_clear_error(tmp_path):
+    (tmp_path / "urls.csv").write_bytes("url,caption\nhttp://h/1.jpg,a\n".encode("utf-16"))
+    with pytest.raises(InputError, match="UTF-16.*UTF-8"):
+        prepare(str(tmp_path / "urls.csv"), InputConfig(), Layout(str(tmp_path / "out")))
+
+
+def test_address_kinds():
+    from pipeline.fetch import network_kind
+
+    kinds = {ip: network_kind(ip) for ip in ("93.184.216.34", "127.0.0.1", "::1", "::ffff:127.0.0.1", "10.1.2.3", "192.168.0.1",
+                                             "172.16.0.1", "fd00::1", "169.254.169.254", "fe80::1%eth0", "0.0.0.0", "224.0.0.1", "2606:4700::1111")}
+    assert kinds == {"93.184.216.34": "", "127.0.0.1": "loopback", "::1": "loopback", "::ffff:127.0.0.1": "loopback",
+                     "10.1.2.3": "private", "192.168.0.1": "private", "172.16.0.1": "private", "fd00::1": "private",
+                     "169.254.169.254": "link_local", "fe80::1%eth0": "link_local", "0.0.0.0": "reserved", "224.0.0.1": "reserved",
+                     "2606:4700::1111": ""}
