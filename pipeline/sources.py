@@ -4,7 +4,9 @@ The list is parquet, csv, tsv or jsonl(.gz): one file or a folder of them, local
 URL (s3://, gs://). Schema problems (a missing url or caption column, an unreadable file) stop
 here, before any work. Every row gets ``row`` (its position in the list), a 128-bit ``uid``
 (given, or derived from url and caption) and ``reject``: "" or why it is never fetched
-(``unsupported_url_scheme``, ``invalid_utf8``, ``invalid_uid``, ``duplicate_uid``). Missing values (null, NaN) are
+(``unsupported_url_scheme``, ``invalid_utf8``, ``invalid_uid``, ``duplicate_uid``; then
+``not_in_subset`` for a uid missing from ``input.subset`` and ``metadata_<column>`` for the first of
+``input.filters`` a row fails, so filtered rows cost no bandwidth). Missing values (null, NaN) are
 empty strings, never the text "nan". ``fetch_url`` is the url as fetched: spaces and non-ASCII
 characters percent-encoded as a browser would (``url`` keeps what the list said). A byte-order
 mark is skipped; an empty file adds no rows (it is listed in the index), a list with no rows at
@@ -22,12 +24,14 @@ import urllib.parse
 from typing import Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from pipeline import subset as subsets
 from pipeline.core.errors import UserError
 from pipeline.core.io import atomic_write, exists, read_json, write_json
 from pipeline.core.log import get_logger, progress
@@ -38,6 +42,8 @@ INTERNAL = ("row", "uid", "url", "caption", "reject", "fetch_url")  # columns th
 _UID = re.compile(r"[0-9a-f]{32}")  # always fullmatch: "$" would accept a trailing newline
 _NEEDS_QUOTING = r"[^\x21-\x7e]"  # space, control or non-ASCII characters: not valid in a request line
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~"  # reserved characters and "%" keep their meaning; everything else is encoded
+_FILTER = re.compile(r"\s*(\w+)\s*(==|!=|<=|>=|<|>)\s*(.+?)\s*")
+_COMPARE = {"==": pc.equal, "!=": pc.not_equal, "<": pc.less, "<=": pc.less_equal, ">": pc.greater, ">=": pc.greater_equal}
 
 
 class InputError(UserError, ValueError):
@@ -51,12 +57,47 @@ class InputConfig:
     uid_col: str = ""  # a column of given 32-hex-char uids; "" derives uids from url and caption
     format: str = ""  # parquet | csv | tsv | jsonl; "" = from the file suffix
     part_size: int = 10000  # rows per input part = per download shard
+    # Metadata thresholds on the list's own columns, before download: 'NSFW == "UNLIKELY"', "punsafe < 0.1",
+    # "similarity >= 0.28", "WIDTH >= 256". A row failing one (or missing the value) is metadata_<column>.
+    filters: list[str] = dataclasses.field(default_factory=list)
+    subset: str = ""  # a DataComp subset file (.npy of sorted 128-bit uids) as a keep-list; others are not_in_subset
 
     def validate(self) -> None:
+        for text in self.filters:
+            parse_filter(text)
         if self.format and self.format not in set(SUFFIXES.values()):
             raise ValueError(f"format must be one of {sorted(set(SUFFIXES.values()))}, got {self.format!r}")
         if self.part_size < 1:
             raise ValueError("part_size must be >= 1")
+
+
+def parse_filter(text: str) -> tuple[str, str, str | float]:
+    """'COLUMN OP VALUE' -> (column, op, value): a quoted string or a number."""
+    match = _FILTER.fullmatch(text)
+    if not match:
+        raise ValueError(f"filter {text!r}: write COLUMN OP VALUE with OP one of {' '.join(_COMPARE)}, e.g. 'punsafe < 0.1'")
+    column, op, value = match.groups()
+    if value[:1] in "\"'" and value[-1:] == value[:1] and len(value) >= 2:
+        return column, op, value[1:-1]
+    try:
+        return column, op, float(value)
+    except ValueError:
+        raise ValueError(f"filter {text!r}: the value is a number or a quoted string") from None
+
+
+def metadata_reasons(table: pa.Table, filters: list[str], reject: pa.Array, path: str = "") -> pa.Array:
+    """``reject`` with ``metadata_<column>`` where a row not yet rejected fails a filter (vectorised)."""
+    for text in filters:
+        column, op, value = parse_filter(text)
+        values = table[column]
+        if isinstance(value, float) and not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+            try:
+                values = pc.cast(values, pa.float64())
+            except pa.ArrowInvalid as err:
+                raise InputError(f"{path}: column {column!r} is not numeric, as filter {text!r} needs: {err}") from None
+        passed = pc.fill_null(_COMPARE[op](values, pa.scalar(value)), False)  # no value: the threshold is not met
+        reject = pc.if_else(pc.and_(pc.equal(reject, ""), pc.invert(passed)), f"metadata_{column}", reject)
+    return reject
 
 
 def input_files(path: str, fmt: str) -> list[tuple[str, str]]:
@@ -96,9 +137,11 @@ def read_list(path: str, fmt: str, cfg: InputConfig) -> pa.Table:
 
 
 def check_schema(schema: pa.Schema, cfg: InputConfig, path: str) -> None:
-    missing = [c for c in (cfg.url_col, cfg.caption_col, cfg.uid_col) if c and c not in schema.names]
+    wanted = [cfg.url_col, cfg.caption_col, cfg.uid_col, *(parse_filter(f)[0] for f in cfg.filters)]
+    missing = [c for c in dict.fromkeys(wanted) if c and c not in schema.names]
     if missing:
-        raise InputError(f"{path}: missing column(s) {missing} (has {schema.names}); set input.url_col / input.caption_col")
+        raise InputError(f"{path}: missing column(s) {missing} (has {schema.names}); set input.url_col / input.caption_col "
+                         "(or drop the input.filters that name them)")
 
 
 def _decode(values: pa.ChunkedArray) -> tuple[list[str], list[bool]]:
@@ -132,12 +175,14 @@ def derive_uid(url: str, caption: str) -> str:
     return hashlib.sha256(f"{url}\x00{caption}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def normalize(table: pa.Table, cfg: InputConfig, first_row: int, seen_uids: set[str] | None = None) -> pa.Table:
+def normalize(table: pa.Table, cfg: InputConfig, first_row: int, seen_uids: set[str] | None = None,
+              subset: np.ndarray | None = None, path: str = "") -> pa.Table:
     """The list's rows with this stage's columns (see the module docstring) plus the extra columns.
 
     A given uid already in ``seen_uids`` (earlier rows; updated) is a ``duplicate_uid``: two samples
     with one uid would be one tar key. Derived uids repeat only for a repeated (url, caption) row,
-    which dedupe's ``rows`` level counts as ``duplicate_row``.
+    which dedupe's ``rows`` level counts as ``duplicate_row``. ``subset`` is a sorted keep-list
+    (pipeline.subset), ``path`` names the file in errors.
     """
     seen_uids = set() if seen_uids is None else seen_uids
     urls, bad_url = _decode(table[cfg.url_col])
@@ -155,10 +200,17 @@ def normalize(table: pa.Table, cfg: InputConfig, first_row: int, seen_uids: set[
         )
         if cfg.uid_col:
             seen_uids.add(uid)
+    reject = pa.array(reject, pa.string())
+    if subset is not None:
+        valid = pc.equal(reject, "")  # these uids are well-formed
+        listed = np.zeros(len(uids), bool)
+        listed[np.flatnonzero(np.asarray(valid))] = subsets.contains(subset, pa.array(uids).filter(valid).to_pylist())
+        reject = pc.if_else(pc.and_(valid, pc.invert(pa.array(listed))), "not_in_subset", reject)
+    reject = metadata_reasons(table, cfg.filters, reject, path)
     columns = {
         "row": pa.array(range(first_row, first_row + len(urls)), pa.int64()),
         "uid": uids, "url": urls, "caption": captions, "reject": reject,
-        "fetch_url": [u if r == "" else "" for u, r in zip(fetchable(urls), reject)],  # what img2dataset may fetch
+        "fetch_url": pc.if_else(pc.equal(reject, ""), pa.array(fetchable(urls), pa.string()), ""),  # what img2dataset may fetch
     }
     extras = [c for c in table.column_names if c not in (cfg.url_col, cfg.caption_col, cfg.uid_col, *INTERNAL)]
     columns.update({c: table[c] for c in extras})
@@ -192,8 +244,9 @@ def prepare(path: str, cfg: InputConfig, layout) -> dict:
 
     def tables() -> Iterator[pa.Table]:
         first, seen_uids = 0, set()
+        subset = subsets.read_subset(cfg.subset) if cfg.subset else None
         for name, fmt in progress(files, desc="read list"):
-            table = normalize(read_list(name, fmt, cfg), cfg, first, seen_uids)
+            table = normalize(read_list(name, fmt, cfg), cfg, first, seen_uids, subset, name)
             first += table.num_rows
             yield table
 

@@ -149,3 +149,59 @@ def test_address_kinds():
                      "10.1.2.3": "private", "192.168.0.1": "private", "172.16.0.1": "private", "fd00::1": "private",
                      "169.254.169.254": "link_local", "fe80::1%eth0": "link_local", "0.0.0.0": "reserved", "224.0.0.1": "reserved",
                      "2606:4700::1111": ""}
+
+
+# ---------------------------------------------------------------------------- metadata filters and subsets
+
+
+LAION_FILTERS = ['NSFW == "UNLIKELY"', "punsafe < 0.1", "similarity >= 0.28", "WIDTH >= 64", "HEIGHT >= 64"]
+
+
+def test_laion_metadata_filters_reject_before_download(tmp_path):
+    table = pa.table({
+        "url": [f"http://h/{i}.jpg" for i in range(7)], "caption": ["a shirt"] * 7,
+        "NSFW": ["UNLIKELY", "NSFW", "UNLIKELY", "UNLIKELY", "UNLIKELY", None, "UNLIKELY"],
+        "punsafe": [0.01, 0.01, 0.5, 0.01, 0.01, 0.01, None],
+        "similarity": [0.30, 0.30, 0.30, 0.20, 0.30, 0.30, 0.30],
+        "WIDTH": [64, 64, 64, 64, 32, 64, 64], "HEIGHT": [64, 64, 64, 64, 64, 64, 64],
+    })
+    pq.write_table(table, tmp_path / "urls.parquet")
+    layout = Layout(str(tmp_path / "out"))
+    index = prepare(str(tmp_path / "urls.parquet"), InputConfig(filters=LAION_FILTERS), layout)
+    rows = pq.read_table(layout.input_part(0)).to_pylist()
+    assert [r["reject"] for r in rows] == ["", "metadata_NSFW", "metadata_punsafe", "metadata_similarity", "metadata_WIDTH",
+                                          "metadata_NSFW", "metadata_punsafe"]  # a missing value does not pass
+    assert [r["fetch_url"] for r in rows] == ["http://h/0.jpg"] + [""] * 6  # filtered rows are never fetched
+    assert index["rejected"] == {"metadata_NSFW": 2, "metadata_punsafe": 2, "metadata_similarity": 1, "metadata_WIDTH": 1}
+
+
+def test_filters_name_missing_columns_and_bad_expressions(tmp_path):
+    from pipeline.core import config
+    from pipeline.core.config import ConfigError
+
+    pq.write_table(pa.table({"url": ["http://h/1.jpg"], "caption": ["a"]}), tmp_path / "urls.parquet")
+    with pytest.raises(InputError, match=r"missing column\(s\) \['punsafe'\].*input.filters"):
+        prepare(str(tmp_path / "urls.parquet"), InputConfig(filters=["punsafe < 0.1"]), Layout(str(tmp_path / "out")))
+    with pytest.raises(ConfigError, match="COLUMN OP VALUE"):
+        config.load(InputConfig, None, ["filters=[punsafe ~ 0.1]"])
+
+
+def test_a_datacomp_subset_is_written_from_a_manifest_and_read_as_a_keep_list(tmp_path):
+    from pipeline.subset import UID_DTYPE, read_subset, write_subset
+
+    urls = [f"http://h/{i}.jpg" for i in range(6)]
+    pq.write_table(pa.table({"url": urls, "caption": ["a shirt"] * 6}), tmp_path / "urls.parquet")
+    first = Layout(str(tmp_path / "first"))
+    prepare(str(tmp_path / "urls.parquet"), InputConfig(), first)
+    uids = pq.read_table(first.input_part(0))["uid"].to_pylist()
+    manifest = pa.table({"uid": uids, "shard": [0, -1, 1, -1, 0, 0]})  # rows 0, 2, 4, 5 kept
+    assert write_subset(manifest, str(tmp_path / "subset.npy")) == 4
+    subset = np.load(tmp_path / "subset.npy")
+    assert subset.dtype == UID_DTYPE and subset.ndim == 1
+    expected = sorted((int(u[:16], 16), int(u[16:], 16)) for u in (uids[0], uids[2], uids[4], uids[5]))
+    assert [tuple(map(int, p)) for p in subset] == expected  # DataComp's (high, low) uint64 pairs, sorted
+    assert np.array_equal(read_subset(str(tmp_path / "subset.npy")), subset)
+    second = Layout(str(tmp_path / "second"))
+    index = prepare(str(tmp_path / "urls.parquet"), InputConfig(subset=str(tmp_path / "subset.npy")), second)
+    assert [r["reject"] for r in pq.read_table(second.input_part(0)).to_pylist()] == ["", "not_in_subset", "", "not_in_subset", "", ""]
+    assert index["rejected"] == {"not_in_subset": 2}
