@@ -76,7 +76,10 @@ class Build:
         return task_range(task, self.index["parts"])
 
     def download(self, task: str) -> None:
-        download(self.layout, self.parts(task), self.cfg.download, self.index["part_size"], extra_columns(self.layout))
+        """Download the parts of ``task``; a resumed run does the retry passes left, on parts no step has read yet."""
+        parts = self.parts(task)
+        fresh = [p for p in parts if not any(exists(self.layout.step(name, p)) for name in self.cfg.steps)]
+        download(self.layout, parts, self.cfg.download, self.index["part_size"], extra_columns(self.layout), retry=fresh)
 
     # ------------------------------------------------------------------ which rows are still in the running
 
