@@ -127,8 +127,8 @@ class Build:
     # ------------------------------------------------------------------ reshard
 
     def plan(self) -> pa.Table:
-        survivors = sorted(r for p in range(self.index["parts"]) for r in self.alive_rows(p, None))
-        return reshard.plan(self.layout, np.array(survivors, np.int64), self.index["part_size"], self.cfg.reshard)
+        survivors = np.array(sorted((r, p) for p in range(self.index["parts"]) for r in self.alive_rows(p, None)), np.int64).reshape(-1, 2)
+        return reshard.plan(self.layout, survivors[:, 0], survivors[:, 1], self.cfg.reshard)
 
     def reshard_shards(self, task: str) -> None:
         table = self.plan()

@@ -47,13 +47,13 @@ def shard_count(kept: int, cfg: ReshardConfig) -> int:
     return count
 
 
-def plan(layout: Layout, survivors: np.ndarray, part_size: int, cfg: ReshardConfig) -> pa.Table:
-    """row -> output shard, for the sorted survivor rows; written once (identical if computed twice)."""
+def plan(layout: Layout, survivors: np.ndarray, parts: np.ndarray, cfg: ReshardConfig) -> pa.Table:
+    """row -> output shard, for the sorted survivor rows (in input ``parts``); written once (identical if computed twice)."""
     if exists(layout.at_root("reshard_plan.parquet")):
         return read_parquet(layout.at_root("reshard_plan.parquet"))
     count = shard_count(len(survivors), cfg)
     shard = (np.arange(len(survivors)) * count) // len(survivors)  # equal contiguous runs
-    table = pa.table({"row": survivors, "part": survivors // part_size, "shard": shard})
+    table = pa.table({"row": survivors, "part": parts, "shard": shard})
     write_parquet(layout.at_root("reshard_plan.parquet"), table)
     return table
 

@@ -213,7 +213,9 @@ def test_redirects_and_addresses_are_checked_before_any_connection(server):
     with pytest.raises(OSError, match="refused redirect to a ftp: URL"):
         loopback_ok.open(f"{base}/redirect/ftp", timeout=5)
     assert accepted == []
-    production = opener(FetchPolicy(allowed_networks=()))
+    production_cfg = config.load(build_shards.BuildConfig, config.CONFIG_ROOT / "data" / "production.yaml")
+    assert production_cfg.download.allowed_networks == [] and production_cfg.download.per_host > 0
+    production = opener(production_cfg.download.policy())
     before = len(Hostile.requests)
     for url in (f"http://localhost:{port}/img/by-name.png", f"{base}/img/by-address.png"):  # a name is checked once resolved
         with pytest.raises(urllib.error.URLError, match="refused address .*loopback"):

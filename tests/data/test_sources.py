@@ -205,3 +205,16 @@ def test_a_datacomp_subset_is_written_from_a_manifest_and_read_as_a_keep_list(tm
     index = prepare(str(tmp_path / "urls.parquet"), InputConfig(subset=str(tmp_path / "subset.npy")), second)
     assert [r["reject"] for r in pq.read_table(second.input_part(0)).to_pylist()] == ["", "not_in_subset", "", "not_in_subset", "", ""]
     assert index["rejected"] == {"not_in_subset": 2}
+
+
+def test_rows_are_interleaved_by_host_across_parts_and_keep_their_row_numbers(tmp_path):
+    urls = [f"http://a.example/{i}.jpg" for i in range(6)] + ["https://B.example:8443/0.jpg", "http://user@b.example/1.jpg",
+                                                                "http://c.example/0.jpg", "not a url"]
+    pq.write_table(pa.table({"url": urls, "caption": ["a shirt"] * len(urls)}), tmp_path / "urls.parquet")
+    layout = Layout(str(tmp_path / "out"))
+    index = prepare(str(tmp_path / "urls.parquet"), InputConfig(part_size=3), layout)
+    parts = [pq.read_table(layout.input_part(p)).to_pylist() for p in range(index["parts"])]
+    assert [[r["row"] for r in part] for part in parts] == [[0, 6, 8], [9, 1, 7], [2, 3, 4], [5]]  # a, b, c, none, a, b, a...
+    single = Layout(str(tmp_path / "single"))
+    prepare(str(tmp_path / "urls.parquet"), InputConfig(part_size=3, interleave_parts=0), single)
+    assert pq.read_table(single.input_part(0))["row"].to_pylist() == [0, 1, 2]  # 0: list order
