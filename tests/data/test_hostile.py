@@ -53,7 +53,7 @@ class Hostile(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         path = urllib.parse.unquote(self.path)
         self.requests.append(path)
-        if path.startswith("/img/"):
+        if path.startswith("/img/") or path == "/busy" and self.requests.count(path) > 1:
             return self.reply(200, IMAGE, "image/png")
         if path.startswith("/chain/"):
             left = int(path.rsplit("/", 1)[1])
@@ -62,6 +62,12 @@ class Hostile(BaseHTTPRequestHandler):
                      "/redirect/loop": "/redirect/loop", "/redirect/zero": f"http://0.0.0.0:{self.server.server_address[1]}/img/x.png"}
         if path in redirects:
             return self.redirect(redirects[path])
+        if path == "/busy" and self.requests.count(path) == 1:  # refused once: the build's retry pass gets it
+            self.send_response(429)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         if path == "/stall":
             time.sleep(3)  # past the 1 s timeout
             return self.reply(200, IMAGE, "image/png")
@@ -146,7 +152,7 @@ SERVER_CASES = {
     "/redirect/zero": ("download", "refused_address"),
     "/stall": ("download", "timeout"), "/closed-mid-body": ("download", "connection_error"),
     "/short-content-length": ("basic", "truncated"), "/html.jpg": ("basic", "not_image"), "/drawing.svg": ("basic", "not_image"),
-    "/huge.gif": ("basic", "decompression_bomb"), "/animated.gif": KEPT,
+    "/huge.gif": ("basic", "decompression_bomb"), "/animated.gif": KEPT, "/busy": KEPT,
 }
 CAPTIONS = {
     "a shirt with a NUL \x00 byte": KEPT, "shirt " * 17000: ("basic", "long_caption"), "قميص أزرق 👕 a blue shirt": KEPT,
@@ -186,6 +192,7 @@ def test_every_hostile_row_is_kept_or_counted_with_its_reason(built, server):
     assert verdicts == expected
     assert stats["input_rows"] == len(expected) and stats["kept"] == sum(v == KEPT for v in expected.values())
     assert server[1] == [], "the ftp: redirect target was connected to"
+    assert Hostile.requests.count("/busy") == 2 and Hostile.requests.count("/img/ok.png") == 1  # the retry pass fetched only the 429
     assert not [p for p in Hostile.requests if "direct.png" in p or p == "/img/x.png"], "a refused address was fetched"
     assert all(r["url"] == url for url, r in manifest.items())  # the url as listed, not as fetched
 
