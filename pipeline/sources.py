@@ -151,7 +151,8 @@ def check_schema(schema: pa.Schema, cfg: InputConfig, path: str) -> None:
 
 def _decode(values: pa.ChunkedArray) -> tuple[list[str], list[bool]]:
     """Strings from a column of any type; missing values (null, NaN) and invalid UTF-8 become "", the latter flagged."""
-    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_binary(values.type)):
+    kind = values.type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
         missing = pc.is_null(values, nan_is_null=True)  # a float column's NaN is a missing value, not "nan"
         values = pc.if_else(missing, pa.scalar(None, pa.string()), pc.cast(values, pa.string()))
     texts, bad = [], []
