@@ -1,8 +1,9 @@
 """Basic filters: is the image a real, decodable, reasonably shaped picture, is the caption usable.
 
-Reasons: not_image, decompression_bomb, truncated, corrupt_image, too_small, aspect_ratio,
-empty_caption, whitespace_caption, long_caption, short_caption, too_few_words, blocked_word,
-and ``not_<column>`` for a ``require_true`` column that is false (e.g. a trusted-source subset).
+Reasons: not_image, unsupported_format (decodable, but not a format the shards store, e.g. TIFF),
+decompression_bomb, truncated, corrupt_image, too_small, aspect_ratio, empty_caption,
+whitespace_caption, long_caption, short_caption, too_few_words, blocked_word, and ``not_<column>``
+for a ``require_true`` column that is false (e.g. a trusted-source subset).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from filter import STEPS, Step, decisions
+from pipeline.core.shards import FORMAT_EXTENSIONS
 
 
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF", b"GIF8")
@@ -53,6 +55,8 @@ def image_reason(data: bytes | None, cfg: BasicConfig) -> tuple[str, int, int, s
         return ("truncated" if "truncated" in str(err) else "corrupt_image"), width, height, fmt
     except Exception:  # noqa: BLE001  (a decoder may raise anything on a corrupt file)
         return "corrupt_image", width, height, fmt
+    if fmt not in FORMAT_EXTENSIONS:
+        return "unsupported_format", width, height, fmt
     if min(width, height) < cfg.min_image_size:
         return "too_small", width, height, fmt
     if max(width, height) / max(1, min(width, height)) > cfg.max_aspect_ratio:

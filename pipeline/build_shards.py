@@ -76,7 +76,10 @@ class Build:
         return task_range(task, self.index["parts"])
 
     def download(self, task: str) -> None:
-        download(self.layout, self.parts(task), self.cfg.download, self.index["part_size"], extra_columns(self.layout))
+        """Download the parts of ``task``; a resumed run does the retry passes left, on parts no step has read yet."""
+        parts = self.parts(task)
+        fresh = [p for p in parts if not any(exists(self.layout.step(name, p)) for name in self.cfg.steps)]
+        download(self.layout, parts, self.cfg.download, self.index["part_size"], extra_columns(self.layout), retry=fresh)
 
     # ------------------------------------------------------------------ which rows are still in the running
 
@@ -124,8 +127,8 @@ class Build:
     # ------------------------------------------------------------------ reshard
 
     def plan(self) -> pa.Table:
-        survivors = sorted(r for p in range(self.index["parts"]) for r in self.alive_rows(p, None))
-        return reshard.plan(self.layout, np.array(survivors, np.int64), self.index["part_size"], self.cfg.reshard)
+        survivors = np.array(sorted((r, p) for p in range(self.index["parts"]) for r in self.alive_rows(p, None)), np.int64).reshape(-1, 2)
+        return reshard.plan(self.layout, survivors[:, 0], survivors[:, 1], self.cfg.reshard)
 
     def reshard_shards(self, task: str) -> None:
         table = self.plan()

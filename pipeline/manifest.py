@@ -14,9 +14,9 @@ _SKIP = {"uid", "caption_norm", "part"}
 def build_manifest(build, plan: pa.Table) -> pa.Table:
     """``build`` is a pipeline.build_shards.Build; ``plan`` maps kept rows to output shards."""
     shard_of = dict(zip(plan["row"].to_pylist(), plan["shard"].to_pylist()))
-    return pa.concat_tables(
+    return pa.concat_tables(  # a part holds rows of a run of parts, interleaved by host: sort again
         [_part(build, part, shard_of) for part in range(build.index["parts"])], promote_options="permissive"
-    )
+    ).sort_by("row")
 
 
 def _part(build, part: int, shard_of: dict[int, int]) -> pa.Table:

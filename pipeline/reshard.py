@@ -2,7 +2,7 @@
 
 ``plan`` fixes which input row goes to which output shard (survivors in input order, cut into
 equal runs), so a rerun after a kill writes exactly the same uids into the same shards.
-``write_shards`` writes shards ``{i}.tar`` (members ``<uid>.<jpg|png|webp>``, ``<uid>.txt``,
+``write_shards`` writes shards ``{i}.tar`` (members ``<uid>.<jpg|png|webp|gif|bmp>``, ``<uid>.txt``,
 ``<uid>.json``); ``finalize`` writes sizes.json, manifest.parquet and stats.json.
 """
 
@@ -19,10 +19,9 @@ import pyarrow.compute as pc
 
 from pipeline.core.io import exists, read_parquet, write_json, write_parquet
 from pipeline.core.log import get_logger, progress
-from pipeline.core.shards import Layout, alive, samples, write_tar
+from pipeline.core.shards import FORMAT_EXTENSIONS, Layout, alive, samples, write_tar
 
 log = get_logger(__name__)
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -48,13 +47,13 @@ def shard_count(kept: int, cfg: ReshardConfig) -> int:
     return count
 
 
-def plan(layout: Layout, survivors: np.ndarray, part_size: int, cfg: ReshardConfig) -> pa.Table:
-    """row -> output shard, for the sorted survivor rows; written once (identical if computed twice)."""
+def plan(layout: Layout, survivors: np.ndarray, parts: np.ndarray, cfg: ReshardConfig) -> pa.Table:
+    """row -> output shard, for the sorted survivor rows (in input ``parts``); written once (identical if computed twice)."""
     if exists(layout.at_root("reshard_plan.parquet")):
         return read_parquet(layout.at_root("reshard_plan.parquet"))
     count = shard_count(len(survivors), cfg)
     shard = (np.arange(len(survivors)) * count) // len(survivors)  # equal contiguous runs
-    table = pa.table({"row": survivors, "part": survivors // part_size, "shard": shard})
+    table = pa.table({"row": survivors, "part": parts, "shard": shard})
     write_parquet(layout.at_root("reshard_plan.parquet"), table)
     return table
 
@@ -75,7 +74,7 @@ def write_shards(layout: Layout, table: pa.Table, shards: range, formats: dict[i
 def _members(sample: dict, fmt: str) -> list[tuple[str, bytes]]:
     uid = sample["uid"]
     meta = {k: v for k, v in sample["meta"].items() if k not in ("key", "status", "error_message", "exif")}
-    return [(f"{uid}.{EXTENSIONS.get(fmt, 'jpg')}", sample["image"]), (f"{uid}.txt", sample["caption"].encode()),
+    return [(f"{uid}.{FORMAT_EXTENSIONS.get(fmt, 'jpg')}", sample["image"]), (f"{uid}.txt", sample["caption"].encode()),
             (f"{uid}.json", json.dumps(meta, sort_keys=True).encode())]
 
 

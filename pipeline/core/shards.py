@@ -22,7 +22,10 @@ import webdataset as wds
 from pipeline.core.io import atomic_write
 
 # Image members of a sample, by extension, in the order a reader looks for them (every stage).
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
+# PIL's format name -> the extension an output shard stores those bytes under (as served, not re-encoded:
+# an animated GIF stays a .gif, and readers decode its first frame). Other formats are not kept.
+FORMAT_EXTENSIONS = {"jpeg": "jpg", "mpo": "jpg", "png": "png", "webp": "webp", "bmp": "bmp", "gif": "gif"}
 
 
 class Layout:

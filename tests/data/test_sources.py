@@ -1,5 +1,9 @@
 """The URL list front door: schema errors stop before any work; bad rows are counted, not fatal."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,3 +64,157 @@ def test_top_fraction_is_computed_over_the_whole_dataset():
     reasons = ClipScore(ClipScoreConfig(fraction=0.3), None).dataset(table)
     kept = [i for i, r in enumerate(reasons) if not r]
     assert len(kept) == 30 and min(kept) >= 50 and kept == list(range(70, 100))
+
+
+# ---------------------------------------------------------------------------- hostile rows and files
+
+
+def prepared(tmp_path, name: str, data: bytes, cfg: InputConfig | None = None) -> list[dict]:
+    (tmp_path / name).write_bytes(data)
+    layout = Layout(str(tmp_path / "out"))
+    prepare(str(tmp_path / name), cfg or InputConfig(), layout)
+    return pq.read_table(layout.input_part(0)).to_pylist()
+
+
+def test_a_uid_with_a_trailing_newline_is_invalid(tmp_path):
+    uid = "0123456789abcdef0123456789abcdef"
+    table = pa.table({"url": ["http://h/1.jpg", "http://h/2.jpg"], "caption": ["a", "b"], "key": [uid, uid.replace("0", "1") + "\n"]})
+    pq.write_table(table, tmp_path / "urls.parquet")
+    layout = Layout(str(tmp_path / "out"))
+    prepare(str(tmp_path / "urls.parquet"), InputConfig(uid_col="key"), layout)
+    assert [r["reject"] for r in pq.read_table(layout.input_part(0)).to_pylist()] == ["", "invalid_uid"]
+
+
+def test_duplicate_given_uids_are_counted_not_merged(tmp_path):
+    uid = "0123456789abcdef0123456789abcdef"
+    data = f"url,caption,key\nhttp://h/1.jpg,first,{uid}\nhttp://h/2.jpg,second,{uid.upper()}\n".encode()
+    rows = prepared(tmp_path, "urls.csv", data, InputConfig(uid_col="key"))
+    assert [(r["caption"], r["reject"]) for r in rows] == [("first", ""), ("second", "duplicate_uid")]
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+    rows = prepared(tmp_path, "urls.csv", b"\xef\xbb\xbfurl,caption\nhttp://h/1.jpg,a shirt\n")
+    assert [(r["url"], r["caption"], r["reject"]) for r in rows] == [("http://h/1.jpg", "a shirt", "")]
+
+
+def test_missing_captions_are_empty_not_nan(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"url": ["http://h/1.jpg", "http://h/2.jpg", "http://h/3.jpg"],
+                          "caption": pd.array(["a shirt", pd.NA, None], dtype="string")})
+    frame.to_parquet(tmp_path / "na.parquet")
+    pq.write_table(pa.table({"url": ["http://h/4.jpg", "http://h/5.jpg"], "caption": [float("nan"), 2.5]}), tmp_path / "nan.parquet")
+    layout = Layout(str(tmp_path / "out"))
+    prepare(str(tmp_path), InputConfig(), layout)
+    assert [r["caption"] for r in pq.read_table(layout.input_part(0)).to_pylist()] == ["a shirt", "", "", "", "2.5"]
+
+
+def test_spaces_and_non_ascii_are_percent_encoded_for_the_fetch_only(tmp_path):
+    urls = ["http://h/a b.jpg", "http://h/ünï/çödé.jpg?q=ä b&x=1", "http://h/already%20done.jpg", "http://h/plain.jpg"]
+    data = "".join(json.dumps({"url": u, "caption": "a"}) + "\n" for u in urls).encode()
+    rows = prepared(tmp_path, "urls.jsonl", data)
+    assert [r["url"] for r in rows] == urls
+    assert [r["fetch_url"] for r in rows] == [
+        "http://h/a%20b.jpg", "http://h/%C3%BCn%C3%AF/%C3%A7%C3%B6d%C3%A9.jpg?q=%C3%A4%20b&x=1",
+        "http://h/already%20done.jpg", "http://h/plain.jpg"]
+
+
+def test_empty_files_add_no_rows_and_an_empty_list_is_one_clear_line(tmp_path):
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "a.csv").write_bytes(b"url,caption\nhttp://h/1.jpg,a shirt\n")
+    (tmp_path / "list" / "b.csv").write_bytes(b"")
+    index = prepare(str(tmp_path / "list"), InputConfig(), Layout(str(tmp_path / "out")))
+    assert index["rows"] == 1 and [n.rsplit("/", 1)[-1] for n in index["empty_files"]] == ["b.csv"]
+    (tmp_path / "empty.csv").write_bytes(b"\xef\xbb\xbf")
+    result = subprocess.run([sys.executable, "-m", "pipeline.download", "--input", str(tmp_path / "empty.csv"), "--output", str(tmp_path / "o2")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # after the log lines
+    assert errors == [result.stderr.strip().splitlines()[-1]] and "empty.csv" in errors[0] and "no rows" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_utf16_list_is_a_clear_error(tmp_path):
+    (tmp_path / "urls.csv").write_bytes("url,caption\nhttp://h/1.jpg,a\n".encode("utf-16"))
+    with pytest.raises(InputError, match="UTF-16.*UTF-8"):
+        prepare(str(tmp_path / "urls.csv"), InputConfig(), Layout(str(tmp_path / "out")))
+
+
+def test_address_kinds():
+    from pipeline.fetch import network_kind
+
+    kinds = {ip: network_kind(ip) for ip in ("93.184.216.34", "127.0.0.1", "::1", "::ffff:127.0.0.1", "10.1.2.3", "192.168.0.1",
+                                             "172.16.0.1", "fd00::1", "169.254.169.254", "fe80::1%eth0", "0.0.0.0", "224.0.0.1", "2606:4700::1111")}
+    assert kinds == {"93.184.216.34": "", "127.0.0.1": "loopback", "::1": "loopback", "::ffff:127.0.0.1": "loopback",
+                     "10.1.2.3": "private", "192.168.0.1": "private", "172.16.0.1": "private", "fd00::1": "private",
+                     "169.254.169.254": "link_local", "fe80::1%eth0": "link_local", "0.0.0.0": "reserved", "224.0.0.1": "reserved",
+                     "2606:4700::1111": ""}
+
+
+# ---------------------------------------------------------------------------- metadata filters and subsets
+
+
+LAION_FILTERS = ['NSFW == "UNLIKELY"', "punsafe < 0.1", "similarity >= 0.28", "WIDTH >= 64", "HEIGHT >= 64"]
+
+
+def test_laion_metadata_filters_reject_before_download(tmp_path):
+    table = pa.table({
+        "url": [f"http://h/{i}.jpg" for i in range(7)], "caption": ["a shirt"] * 7,
+        "NSFW": ["UNLIKELY", "NSFW", "UNLIKELY", "UNLIKELY", "UNLIKELY", None, "UNLIKELY"],
+        "punsafe": [0.01, 0.01, 0.5, 0.01, 0.01, 0.01, None],
+        "similarity": [0.30, 0.30, 0.30, 0.20, 0.30, 0.30, 0.30],
+        "WIDTH": [64, 64, 64, 64, 32, 64, 64], "HEIGHT": [64, 64, 64, 64, 64, 64, 64],
+    })
+    pq.write_table(table, tmp_path / "urls.parquet")
+    layout = Layout(str(tmp_path / "out"))
+    index = prepare(str(tmp_path / "urls.parquet"), InputConfig(filters=LAION_FILTERS), layout)
+    rows = pq.read_table(layout.input_part(0)).to_pylist()
+    assert [r["reject"] for r in rows] == ["", "metadata_NSFW", "metadata_punsafe", "metadata_similarity", "metadata_WIDTH",
+                                          "metadata_NSFW", "metadata_punsafe"]  # a missing value does not pass
+    assert [r["fetch_url"] for r in rows] == ["http://h/0.jpg"] + [""] * 6  # filtered rows are never fetched
+    assert index["rejected"] == {"metadata_NSFW": 2, "metadata_punsafe": 2, "metadata_similarity": 1, "metadata_WIDTH": 1}
+
+
+def test_filters_name_missing_columns_and_bad_expressions(tmp_path):
+    from pipeline.core import config
+    from pipeline.core.config import ConfigError
+
+    pq.write_table(pa.table({"url": ["http://h/1.jpg"], "caption": ["a"]}), tmp_path / "urls.parquet")
+    with pytest.raises(InputError, match=r"missing column\(s\) \['punsafe'\].*input.filters"):
+        prepare(str(tmp_path / "urls.parquet"), InputConfig(filters=["punsafe < 0.1"]), Layout(str(tmp_path / "out")))
+    with pytest.raises(ConfigError, match="COLUMN OP VALUE"):
+        config.load(InputConfig, None, ["filters=[punsafe ~ 0.1]"])
+
+
+def test_a_datacomp_subset_is_written_from_a_manifest_and_read_as_a_keep_list(tmp_path):
+    from pipeline.subset import UID_DTYPE, read_subset, write_subset
+
+    urls = [f"http://h/{i}.jpg" for i in range(6)]
+    pq.write_table(pa.table({"url": urls, "caption": ["a shirt"] * 6}), tmp_path / "urls.parquet")
+    first = Layout(str(tmp_path / "first"))
+    prepare(str(tmp_path / "urls.parquet"), InputConfig(), first)
+    uids = pq.read_table(first.input_part(0))["uid"].to_pylist()
+    manifest = pa.table({"uid": uids, "shard": [0, -1, 1, -1, 0, 0]})  # rows 0, 2, 4, 5 kept
+    assert write_subset(manifest, str(tmp_path / "subset.npy")) == 4
+    subset = np.load(tmp_path / "subset.npy")
+    assert subset.dtype == UID_DTYPE and subset.ndim == 1
+    expected = sorted((int(u[:16], 16), int(u[16:], 16)) for u in (uids[0], uids[2], uids[4], uids[5]))
+    assert [tuple(map(int, p)) for p in subset] == expected  # DataComp's (high, low) uint64 pairs, sorted
+    assert np.array_equal(read_subset(str(tmp_path / "subset.npy")), subset)
+    second = Layout(str(tmp_path / "second"))
+    index = prepare(str(tmp_path / "urls.parquet"), InputConfig(subset=str(tmp_path / "subset.npy")), second)
+    assert [r["reject"] for r in pq.read_table(second.input_part(0)).to_pylist()] == ["", "not_in_subset", "", "not_in_subset", "", ""]
+    assert index["rejected"] == {"not_in_subset": 2}
+
+
+def test_rows_are_interleaved_by_host_across_parts_and_keep_their_row_numbers(tmp_path):
+    urls = [f"http://a.example/{i}.jpg" for i in range(6)] + ["https://B.example:8443/0.jpg", "http://user@b.example/1.jpg",
+                                                                "http://c.example/0.jpg", "not a url"]
+    pq.write_table(pa.table({"url": urls, "caption": ["a shirt"] * len(urls)}), tmp_path / "urls.parquet")
+    layout = Layout(str(tmp_path / "out"))
+    index = prepare(str(tmp_path / "urls.parquet"), InputConfig(part_size=3), layout)
+    parts = [pq.read_table(layout.input_part(p)).to_pylist() for p in range(index["parts"])]
+    assert [[r["row"] for r in part] for part in parts] == [[0, 6, 8], [9, 1, 7], [2, 3, 4], [5]]  # a, b, c, none, a, b, a...
+    single = Layout(str(tmp_path / "single"))
+    prepare(str(tmp_path / "urls.parquet"), InputConfig(part_size=3, interleave_parts=0), single)
+    assert pq.read_table(single.input_part(0))["row"].to_pylist() == [0, 1, 2]  # 0: list order
