@@ -120,6 +120,18 @@ def make_batch(contract, batch: int, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in {"image": images, **tokens}.items()}
 
 
+def optimizer_step(forward_backward, optimizer, objective):
+    """A full training step: forward and backward, the optimizer step, the objective's end_step."""
+
+    def step():
+        forward_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        objective.end_step()
+
+    return step
+
+
 def ours_clip(variant: str, batch: dict, device: torch.device, compile_model: bool):
     from train.config import OptimConfig
     from train.compile import compile_blocks
@@ -140,13 +152,7 @@ def ours_clip(variant: str, batch: dict, device: torch.device, compile_model: bo
             loss = objective(inputs)["loss"]
         loss.backward()
 
-    def step():
-        forward_backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        objective.end_step()
-
-    return step, forward_backward
+    return optimizer_step(forward_backward, optimizer, objective), forward_backward
 
 
 def open_clip_train_step(name: str, batch: dict, device: torch.device):
@@ -235,12 +241,7 @@ def albef_row(args, device: torch.device, peak: float | None) -> dict:
             loss = objective(to_model_input(batch, model.contract, torch.float32))["loss"]
         loss.backward()
 
-    def step():
-        forward_backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        objective.end_step()
-
+    step = optimizer_step(forward_backward, optimizer, objective)
     row = measure(step, forward_backward, args.albef_batch, device, args, peak)
     return {"model": variant, "batch": args.albef_batch, "image_size": model.contract.image_size, **row}
 
