@@ -63,9 +63,12 @@ class Checkpointer:
     def __init__(self, folder: str, every: int, keep_last: int, rank: int, cfg):
         self.folder, self.every, self.keep_last, self.rank, self.cfg = folder.rstrip("/"), every, keep_last, rank, cfg
 
-    def maybe_save(self, engine, step: int, last: bool, trainer_state: dict) -> None:
+    def maybe_save(self, engine, step: int, last: bool, trainer_state: dict) -> bool:
+        """Save at every ``every``-th step and the last; True when it saved."""
         if last or (self.every and step % self.every == 0):
             self.save(engine, step, trainer_state)
+            return True
+        return False
 
     def save(self, engine, step: int, trainer_state: dict) -> None:
         tag = tag_for(step)

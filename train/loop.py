@@ -2,7 +2,8 @@
 
 Per step: ``lr_at(step)``, the objective's ``start_step`` hook, ``grad_accum`` micro-steps
 (forward, ``engine.backward``, ``engine.step``), the finite check, ``end_step`` (temperature
-clamp, EMA), checkpoint, metrics. The hooks are those of :class:`train.objective.Objective`.
+clamp, EMA), metrics, checkpoint, then the stop check (every rank agrees whether a signal asked
+to stop; see :mod:`train.preemption`). The hooks are those of :class:`train.objective.Objective`.
 Objectives never see DeepSpeed; the engine never sees objective-specific code.
 """
 
@@ -18,6 +19,7 @@ from pipeline.core.log import get_logger, progress, setup_logging
 from train import checkpoint, metrics, optim, parallel
 from train.config import TrainConfig
 from train.data import TrainLoader
+from train.preemption import StopRequest
 from train.registry import MODELS, OBJECTIVES
 
 log = get_logger(__name__)
@@ -56,13 +58,14 @@ class Trainer:
         self.metrics = metrics.Metrics(cfg.log, run_dir, cfg.run.log_every, self.dist.rank, self.dist.world,
                                        self.dist.device, config_io.to_dict(cfg))
         self.step = 0
+        self.stop = StopRequest()  # before the DataLoader workers fork
         torch.manual_seed(cfg.run.seed + self.dist.rank)  # per-rank randomness (dropout) from here on
         log.info("global batch %d = %d x %d accum x %d ranks; %d steps (%d per epoch)", self.global_batch,
                  cfg.data.batch_size, cfg.parallel.grad_accum, self.dist.world, self.total_steps,
                  self.steps_per_epoch)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "data": self.loader.state_dict()}
+        return {"step": self.step, "data": self.loader.state_dict(), "metrics": self.metrics.state_dict()}
 
     def maybe_resume(self) -> dict | None:
         """Restore the latest or given checkpoint; returns its RNG state (None when starting fresh)."""
@@ -77,10 +80,11 @@ class Trainer:
         state = self.checkpointer.load(self.engine, spec)
         self.step = state["step"]
         self.loader.load_state_dict(state["data"])
-        self.metrics.resume(self.step)
+        self.metrics.resume(self.step, state.get("metrics"))
         return state["rng"]
 
-    def train(self) -> None:
+    def train(self) -> bool:
+        """Train to ``total_steps``; False when a stop request ended the run early, at a checkpoint."""
         rng = self.maybe_resume()
         batches = iter(self.loader)
         if rng is not None:  # after iter(): creating the iterator draws from torch's generator
@@ -95,7 +99,14 @@ class Trainer:
             self.metrics.update(out, self.global_batch // self.dist.world, data_wait)
             if self.metrics.should_log(self.step, last):  # before the checkpoint, so a resume never lacks a record
                 self.metrics.log(self.step, self.loader.epoch, lr, self.loader.skipped())
-            self.checkpointer.maybe_save(self.engine, self.step, last, self.state_dict())
+            saved = self.checkpointer.maybe_save(self.engine, self.step, last, self.state_dict())
+            if self.stop.agreed() and not last:
+                if not saved:
+                    self.checkpointer.save(self.engine, self.step, self.state_dict())
+                log.warning("stopped at step %d of %d on request; run.resume=latest continues from here",
+                            self.step, self.total_steps)
+                return False
+        return True
 
     def train_step(self, batches, step: int) -> tuple[dict[str, torch.Tensor], float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns detached terms and data wait."""
@@ -116,6 +127,7 @@ class Trainer:
         return terms, data_wait
 
     def close(self) -> None:
+        self.stop.close()
         self.metrics.close()
         parallel.shutdown()
 

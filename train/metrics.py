@@ -53,10 +53,19 @@ class Metrics:
                                                   resume="allow")))
         return writers
 
-    def resume(self, step: int) -> None:
-        """Drop records past ``step`` (written after the checkpoint a resumed run restarts from)."""
+    def state_dict(self) -> dict:
+        """What was accumulated since the last record: a resume mid-interval logs the same means."""
+        return {"terms": dict(self.terms), "samples": self.samples, "data_wait": self.data_wait,
+                "steps_since": self.steps_since}
+
+    def resume(self, step: int, state: dict | None) -> None:
+        """Drop records past ``step`` (written after the checkpoint a resumed run restarts from)
+        and restore the accumulators of ``state`` (None: a checkpoint written before they were saved)."""
         for writer in self.writers:
             writer.truncate(step)
+        if state:
+            self.terms, self.samples = dict(state["terms"]), state["samples"]
+            self.data_wait, self.steps_since = state["data_wait"], state["steps_since"]
 
     def update(self, out: dict[str, torch.Tensor], samples: int, data_wait: float) -> None:
         for name, value in out.items():

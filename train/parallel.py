@@ -81,6 +81,9 @@ def init_distributed(device: str, timeout_min: int = 30, master_port: int = 2950
     if not dist.is_initialized():
         dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world,
                                 timeout=datetime.timedelta(minutes=timeout_min))
+    global _control
+    # Host-side flags (stop requests) go over gloo beside NCCL: no device sync for a CPU flag.
+    _control = dist.new_group(backend="gloo") if env.world > 1 else None
     return env
 
 
@@ -140,6 +143,17 @@ def local_shard(p: torch.Tensor) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
 
 
+_control = None  # the gloo group of init_distributed, for control flags
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one tiny all-reduce on the control group)."""
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    if _control is not None:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control)
+    return bool(value.item())
+
+
 def all_finite(value: torch.Tensor) -> bool:
     """True when ``value`` is finite on every rank (one tiny all-reduce)."""
     flag = torch.isfinite(value.detach()).all().to(torch.int32).reshape(1)
@@ -162,5 +176,7 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    global _control
     if dist.is_initialized():
         dist.destroy_process_group()
+    _control = None

@@ -6,7 +6,10 @@ test, the ZeRO-3 run is also exported through ``load_encoder``.
 
 import json
 import math
+import signal
+import time
 
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -66,6 +69,30 @@ def test_kill_one_rank_then_resume_matches_the_uninterrupted_curve(runs, fmnist_
     assert proc.returncode != 0, "the killed run must fail"
     killed_at = max(_losses(tmp_path))
     assert killed_at < STEPS, "the kill came too late to test anything"
+
+    resumed = torchrun(_args(fmnist_shards, tmp_path, 2, "run.resume=latest"), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert _losses(tmp_path) == reference  # bitwise, step for step
+
+
+def test_stop_signal_to_one_rank_checkpoints_and_the_resume_matches_the_curve(runs, fmnist_shards, tmp_path,
+                                                                              torchrun, torchrun_popen):
+    """SIGUSR1 (Slurm's warning) to one rank and its DataLoader workers: both ranks stop after the same step
+    with a checkpoint there (ckpt_every=0 saves none of its own), exit 75, and the resumed run continues the curve."""
+    reference = _losses(runs(2))
+    proc = torchrun_popen(_args(fmnist_shards, tmp_path, 2, "run.ckpt_every=0"))
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first record"
+        time.sleep(0.02)
+    rank = psutil.Process(proc.pid).children()[-1]
+    for process in [rank, *rank.children()]:  # the workers inherit the handler and must ignore the signal
+        process.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert "exitcode  : 75" in stderr, stderr[-4000:]
+    stopped_at = max(_losses(tmp_path))
+    assert stopped_at < STEPS, "the signal came too late to test anything"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{stopped_at:07d}"
 
     resumed = torchrun(_args(fmnist_shards, tmp_path, 2, "run.resume=latest"), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
