@@ -46,12 +46,15 @@ class Trainer:
         self.objective.check(cfg.data.batch_size * self.dist.world, self.dist.world)
         self.optimizer = optim.build_optimizer(self.objective, cfg.optim, self.dist.device,
                                                self.objective.no_weight_decay())
-        ds_config = parallel.deepspeed_config(cfg.parallel, cfg.run, cfg.data.batch_size, self.dist.world)
-        self.engine = parallel.wrap(self.objective, self.optimizer, ds_config, cfg.parallel.activation_checkpointing)
-        self.dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32
         run_dir = cfg.run.run_dir.rstrip("/")
         self.checkpointer = checkpoint.Checkpointer(f"{run_dir}/checkpoints", cfg.run.ckpt_every,
                                                     cfg.run.keep_last, self.dist.rank, cfg)
+        self.resume_from = self.resume_target()
+        other_world = self.resume_from is not None and checkpoint.saved_world(*self.resume_from) != self.dist.world
+        ds_config = parallel.deepspeed_config(cfg.parallel, cfg.run, cfg.data.batch_size, self.dist.world,
+                                              load_universal=other_world)
+        self.engine = parallel.wrap(self.objective, self.optimizer, ds_config, cfg.parallel.activation_checkpointing)
+        self.dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32
         if self.dist.is_main:
             os.makedirs(run_dir, exist_ok=True)
             config_io.save(cfg, f"{run_dir}/config.yaml")
@@ -67,20 +70,27 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "data": self.loader.state_dict(), "metrics": self.metrics.state_dict()}
 
-    def maybe_resume(self) -> dict | None:
-        """Restore the latest or given checkpoint; returns its RNG state (None when starting fresh)."""
+    def resume_target(self) -> tuple[str, str] | None:
+        """(checkpoints folder, tag) of ``run.resume``; None to start fresh."""
         spec = self.cfg.run.resume
         if spec == "latest":
             spec = self.checkpointer.folder
             if not checkpoint_exists(spec):
                 log.info("resume=latest: no checkpoint yet in %s, starting fresh", spec)
                 return None
-        if not spec:
+        return checkpoint.resolve(spec) if spec else None
+
+    def maybe_resume(self) -> dict | None:
+        """Restore the checkpoint of :meth:`resume_target`; returns its RNG state (None when there is none)."""
+        if self.resume_from is None:
             return None
-        state = self.checkpointer.load(self.engine, spec)
+        state, other_world_data = self.checkpointer.load(self.engine, *self.resume_from, self.dist.world)
         self.step = state["step"]
-        self.loader.load_state_dict(state["data"])
-        self.metrics.resume(self.step, state.get("metrics"))
+        if other_world_data is None:
+            self.loader.load_state_dict(state["data"])
+        else:
+            self.loader.load_remapped(other_world_data)
+        self.metrics.resume(self.step, state["metrics"])
         return state["rng"]
 
     def train(self) -> bool:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import os
@@ -98,8 +99,10 @@ def _deepspeed():
     return deepspeed
 
 
-def deepspeed_config(parallel: ParallelConfig, run: RunConfig, micro_batch: int, world: int) -> dict:
-    """The DeepSpeed JSON, generated from the typed section (there is no hand-written copy)."""
+def deepspeed_config(parallel: ParallelConfig, run: RunConfig, micro_batch: int, world: int,
+                     load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON, generated from the typed section (there is no hand-written copy).
+    ``load_universal``: the run resumes a checkpoint of another world size (see :func:`to_universal`)."""
     zero = {
         "stage": parallel.zero_stage,
         "reduce_bucket_size": parallel.reduce_bucket_size,
@@ -121,6 +124,7 @@ def deepspeed_config(parallel: ParallelConfig, run: RunConfig, micro_batch: int,
         "zero_allow_untested_optimizer": True,  # torch's AdamW, fused on GPU
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -136,6 +140,20 @@ def wrap(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, a
         module.model.set_grad_checkpointing(True)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine
+
+
+def to_universal(folder: str, tag: str) -> str:
+    """Convert checkpoint ``folder/tag`` (ZeRO partitions of one world size) to DeepSpeed's universal
+    format beside it, ``folder/{tag}_universal``, which loads on any world size; returns that tag.
+    Called by rank 0 alone (the others wait at a barrier); a finished conversion is reused."""
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    out = f"{tag}_universal"
+    if not os.path.exists(f"{folder}/{out}/zero"):
+        main(argparse.Namespace(input_folder=f"{folder}/{tag}", output_folder=f"{folder}/{out}",
+                                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                inject_missing_state=True))
+    return out
 
 
 def local_shard(p: torch.Tensor) -> torch.Tensor:

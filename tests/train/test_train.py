@@ -6,6 +6,7 @@ test, the ZeRO-3 run is also exported through ``load_encoder``.
 
 import json
 import math
+import shutil
 import signal
 import time
 
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from train.encoder import load_encoder
+from train.parallel import to_universal
 from train_runs import cached_runs, kill_one_rank_at_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -97,3 +99,31 @@ def test_stop_signal_to_one_rank_checkpoints_and_the_resume_matches_the_curve(ru
     resumed = torchrun(_args(fmnist_shards, tmp_path, 2, "run.resume=latest"), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert _losses(tmp_path) == reference  # bitwise, step for step
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank_with_model_and_optimizer_state(runs, fmnist_shards, tmp_path,
+                                                                                torchrun):
+    """The ZeRO-2 run's step-8 checkpoint (2 ranks) continues on 1 rank through DeepSpeed's universal form.
+    One step at lr 0 leaves the fp32 weights as saved, and Adam's moments of that step follow from the saved
+    ones: with g = (m9 - b1 m8) / (1 - b1), v9 == b2 v8 + (1 - b2) g^2, and the step count is 9."""
+    saved = tmp_path / "two_ranks" / "checkpoints"
+    shutil.copytree(runs(2) / "checkpoints" / "step_0000008", saved / "step_0000008")
+    run_dir = tmp_path / "one_rank"
+    proc = torchrun(_args(fmnist_shards, run_dir, 2, "run.steps=9", "optim.lr=0",
+                          f"run.resume={saved / 'step_0000008'}"), nproc=1, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "this rank reads streams [0, 1, 2, 3]" in proc.stderr  # the data position of both ranks' streams
+    assert sorted(_losses(run_dir)) == [9]
+    before = saved / "step_0000008_universal" / "zero"
+    after = run_dir / "checkpoints" / to_universal(str(run_dir / "checkpoints"), "step_0000009") / "zero"
+    b1, b2 = 0.9, 0.98
+    params = sorted(p.name for p in before.iterdir() if p.is_dir())  # one folder per parameter
+    assert params and params == sorted(p.name for p in after.iterdir() if p.is_dir())
+    for name in params:
+        old, new = ({f: torch.load(d / name / f"{f}.pt", weights_only=False)
+                     for f in ("fp32", "exp_avg", "exp_avg_sq", "step")} for d in (before, after))
+        assert torch.equal(new["fp32"]["param"], old["fp32"]["param"]), name
+        assert float(new["step"]) == float(old["step"]) + 1 == 9
+        grad = (new["exp_avg"]["param"] - b1 * old["exp_avg"]["param"]) / (1 - b1)  # this step's gradient
+        torch.testing.assert_close(new["exp_avg_sq"]["param"], b2 * old["exp_avg_sq"]["param"] + (1 - b2) * grad**2,
+                                   rtol=1e-5, atol=0, msg=name)
