@@ -94,12 +94,43 @@ vlpipe_dist_env() {
 # Run `torchrun ... ARGS` once per node of the allocation (ARGS as for torchrun: `-m module ...`).
 # Each node's rank comes from its own SLURM_NODEID, so the first node of the list hosts the
 # rendezvous at MASTER_ADDR:MASTER_PORT.
+#
+# srun runs in the background so that the batch shell can take the Slurm warning signal
+# (`#SBATCH --signal=B:USR1@300` signals only this shell) and SIGTERM: both are forwarded to
+# the job step and recorded in VLPIPE_STOPPED. torchrun passes them on to its workers and
+# waits up to VLPIPE_STOP_GRACE seconds (default 270) for them to checkpoint and exit.
 vlpipe_torchrun() {
     vlpipe_dist_env
     srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
         bash -c 'exec "$0" -m torch.distributed.run --node_rank="$SLURM_NODEID" "$@"' "$PYTHON" \
         --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
-        --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@"
+        --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+        --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${VLPIPE_STOP_GRACE:-270}" \
+        "$@" &
+    local step=$! status
+    VLPIPE_STOPPED=""
+    trap 'VLPIPE_STOPPED=USR1; vlpipe_log "SIGUSR1: forwarding to the job step"; kill -USR1 '"$step"' || true' USR1
+    trap 'VLPIPE_STOPPED=TERM; vlpipe_log "SIGTERM: forwarding to the job step"; kill -TERM '"$step"' || true' TERM
+    while :; do
+        wait "$step" && status=0 || status=$?
+        kill -0 "$step" 2>/dev/null || break  # else a trapped signal interrupted `wait`
+    done
+    trap - USR1 TERM
+    return "$status"
+}
+
+# Requeue this job (it resumes from its latest checkpoint) when it was told to stop (the Slurm
+# warning signal or SIGTERM, see vlpipe_torchrun) or the trainer exited with REQUEUE_EXIT
+# (75, train/main.py) after checkpointing; otherwise exit with STATUS when it is not 0.
+vlpipe_requeue_or_exit() {
+    local status="$1"
+    ((status == 0)) && return 0
+    if [[ -n "${VLPIPE_STOPPED:-}" ]] || ((status == 75)); then
+        vlpipe_log "stopped (${VLPIPE_STOPPED:-exit $status}) after a checkpoint: requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    exit "$status"
 }
 
 # This array task's position: TASK_INDEX in [0, TASK_COUNT). Outside an array: 0 of 1.

@@ -10,6 +10,8 @@
 #SBATCH --job-name=clip
 #SBATCH --ntasks-per-node=1
 #SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 

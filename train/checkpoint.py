@@ -23,7 +23,7 @@ import torch
 from pipeline.core import config as config_io
 from pipeline.core.io import atomic_write, exists
 from pipeline.core.log import get_logger
-from train.parallel import barrier, consolidated_state_dict
+from train.parallel import barrier, consolidated_state_dict, to_universal
 
 log = get_logger(__name__)
 WEIGHTS = "model.safetensors"
@@ -107,15 +107,47 @@ class Checkpointer:
 
     def _prune(self) -> None:
         fs, root = fsspec.core.url_to_fs(self.folder)
-        tags = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("step_"))
+        names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+        tags = sorted(name for name in names if name.startswith("step_") and not name.endswith("_universal"))
         for tag in tags[:-self.keep_last]:
-            fs.rm(f"{root}/{tag}", recursive=True)
+            for name in (tag, f"{tag}_universal") if f"{tag}_universal" in names else (tag,):
+                fs.rm(f"{root}/{name}", recursive=True)
 
-    def load(self, engine, spec: str) -> dict:
-        """Restore the engine and return this rank's trainer state; its ``rng`` is for :func:`set_rng_state`."""
-        folder, tag = resolve(spec)
-        engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
-        with fsspec.open(f"{folder}/{tag}/trainer_rank{self.rank}.pt", "rb") as f:
-            state = torch.load(f, weights_only=False)
-        log.info("resumed from %s/%s at step %d", folder, tag, state["step"])
-        return state
+    def load(self, engine, folder: str, tag: str, world: int) -> tuple[dict, list[dict] | None]:
+        """Restore the engine; returns this rank's trainer state (its ``rng`` is for :func:`set_rng_state`)
+        and, when the checkpoint is of another world size, every saved rank's data state (else None).
+
+        Another world size loads DeepSpeed's universal form of the checkpoint (the engine was built
+        with ``load_universal``): model, fp32 master weights and optimizer state re-partitioned."""
+        saved = saved_world(folder, tag)
+        if saved == world:
+            engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+            state = _read_state(folder, tag, self.rank)
+            log.info("resumed from %s/%s at step %d", folder, tag, state["step"])
+            return state, None
+        if self.rank == 0:
+            log.warning("%s/%s was written by %d ranks, this run has %d: converting it to DeepSpeed's universal "
+                        "checkpoint", folder, tag, saved, world)
+            to_universal(folder, tag)
+        barrier()
+        engine.load_checkpoint(folder, tag=f"{tag}_universal", load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+        states = [_read_state(folder, tag, rank) for rank in range(saved)]
+        # RNG streams stay per rank where the rank existed; the metrics accumulated since the last
+        # record were per-rank means of another world: the next record starts afresh.
+        state = {**states[min(self.rank, saved - 1)], "metrics": None}
+        if self.rank >= saved:
+            state["rng"] = None
+        log.info("resumed from %s/%s (%d ranks) on %d ranks at step %d", folder, tag, saved, world, state["step"])
+        return state, [s["data"] for s in states]
+
+
+def saved_world(folder: str, tag: str) -> int:
+    """Ranks of the run that wrote checkpoint ``folder/tag`` (one trainer state per rank)."""
+    fs, root = fsspec.core.url_to_fs(f"{folder}/{tag}")
+    return len(fs.glob(f"{root}/trainer_rank*.pt"))
+
+
+def _read_state(folder: str, tag: str, rank: int) -> dict:
+    with fsspec.open(f"{folder}/{tag}/trainer_rank{rank}.pt", "rb") as f:
+        return {"metrics": None, **torch.load(f, weights_only=False)}  # "metrics": absent in older checkpoints

@@ -32,7 +32,7 @@ class ObjectiveSection(Section):
 
 @dataclasses.dataclass(kw_only=True)
 class RunConfig:
-    run_dir: str  # local path or fsspec URL; holds config.yaml, metrics.jsonl, tensorboard/, checkpoints/
+    run_dir: str  # local (or mounted) path; holds config.yaml, metrics.jsonl, tensorboard/, checkpoints/
     seed: int = 0
     steps: int = 0  # optimizer steps; 0 = derive from epochs
     epochs: int = 0
@@ -50,6 +50,10 @@ class RunConfig:
             raise ValueError(f"set exactly one of run.steps and run.epochs (got {self.steps} and {self.epochs})")
         if self.log_every < 1 or self.keep_last < 1 or self.ckpt_every < 0:
             raise ValueError("log_every and keep_last must be >= 1 and ckpt_every >= 0")
+        if "://" in self.run_dir:
+            # DeepSpeed's checkpoints, TensorBoard and wandb write local files only.
+            raise ValueError(f"run.run_dir must be a local or mounted directory, not the URL {self.run_dir}: "
+                             "train into a local directory and copy it to the object store afterwards")
 
 
 @dataclasses.dataclass(kw_only=True)

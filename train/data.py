@@ -13,6 +13,14 @@ One worker's stream is a ``webdataset.DataPipeline`` of small generator stages::
 Every stream (rank x worker) yields exactly ``batches_per_stream`` batches per epoch (its
 shards repeat if needed), so no rank waits at the end of an epoch. Resume is deterministic
 replay: the same order is rebuilt and consumed samples are skipped before decoding.
+
+An epoch's streams are numbered globally, ``g = rank + world * worker`` of its layout (world,
+workers); the checkpoint keeps that layout and each stream's position. A resume on another
+world size finishes the interrupted epoch with the saved streams dealt out again (rank r reads
+the streams ``g % world == r``, each worker a share of those), so across the interruption the
+epoch reads exactly the samples an uninterrupted one reads; later epochs use the new layout. When the saved
+streams cannot be dealt out evenly (their count is not a multiple of the new world size), the
+run says so and starts at the next epoch.
 """
 
 from __future__ import annotations
@@ -242,7 +250,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         # Workers persist across epochs (forked once), so the epoch reaches them through shared
         # memory; the resume state they were forked with applies to its own epoch only.
         self._epoch = multiprocessing.RawValue("q", 0)
-        self.resume_epoch, self.resume = 0, {}
+        self.resume_epoch, self.resume, self.resume_layout = -1, {}, self.layout
 
     def _check(self) -> None:
         streams = self.world * self.workers
@@ -258,31 +266,45 @@ class ShardStream(torch.utils.data.IterableDataset):
     def epoch(self) -> int:
         return self._epoch.value
 
-    def set_epoch(self, epoch: int, resume: dict[int, dict]) -> None:
-        """Next epoch to iterate; ``resume`` maps stream -> {"position", "batches"} already consumed."""
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(world, workers) of fresh epochs: the streams this run numbers."""
+        return self.world, self.workers
+
+    def set_epoch(self, epoch: int, resume: dict[int, dict], layout: tuple[int, int]) -> None:
+        """Next epoch to iterate; ``resume`` maps stream -> {"position", "batches"} already consumed
+        in streams numbered by ``layout`` (another run's when resumed on another world size)."""
         self._epoch.value = epoch
-        if resume:
-            self.resume_epoch, self.resume = epoch, resume
+        if resume or tuple(layout) != self.layout:
+            self.resume_epoch, self.resume, self.resume_layout = epoch, resume, tuple(layout)
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker = 0 if info is None else info.id
-        resume = self.resume if self.epoch == self.resume_epoch else {}
+        resumed = self.epoch == self.resume_epoch
+        resume, layout = (self.resume, self.resume_layout) if resumed else ({}, self.layout)
+        world, workers = layout
+        streams = [g for g in range(world * workers) if g % self.world == self.rank]  # this rank's, by worker
         # After a mid-epoch resume, the first fresh worker continues the stream whose turn it was.
         offset = sum(state["batches"] for state in resume.values()) % self.workers
-        stream = (worker + offset) % self.workers
-        state = resume.get(stream, {"position": 0, "batches": 0, "skips": {}})
-        return itertools.islice(self.pipeline(stream, state), self.batches_per_stream - state["batches"])
+        mine = streams[(worker + offset) % self.workers::self.workers]
+        per_stream = self.num_samples // (world * workers * self.cfg.batch_size)
+        parts = []
+        for stream in mine:
+            state = resume.get(stream, {"position": 0, "batches": 0, "skips": {}})
+            parts.append(itertools.islice(self.pipeline(stream, layout, state), per_stream - state["batches"]))
+        return parts[0] if len(parts) == 1 else _round_robin(parts)
 
-    def pipeline(self, worker: int, state: dict) -> wds.DataPipeline:
+    def pipeline(self, stream: int, layout: tuple[int, int], state: dict) -> wds.DataPipeline:
         cfg, position = self.cfg, state["position"]
+        world, workers = layout
+        rank, worker = stream % world, stream // world
         counter = SkipCounter(state["skips"], muted=position > 0)
-        stream_seed = _seed(self.seed, self.epoch, self.rank, worker)
+        stream_seed = _seed(self.seed, self.epoch, rank, worker)
         if cfg.resampled:
             source = resampled_order(self.sources, _seed(stream_seed, "shards"))
         else:
-            source = shard_order(self.shards, self.seed, self.epoch, self.rank, self.world, worker, self.workers,
-                                 counter)
+            source = shard_order(self.shards, self.seed, self.epoch, rank, world, worker, workers, counter)
         return wds.DataPipeline(
             lambda: source,
             wds.tariterators.url_opener,  # an unreadable URL is a configuration error: it raises
@@ -294,8 +316,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             partial(number, start=position),
             partial(decode, transform=self.transform, counter=counter, text=cfg.text, draft_size=self.draft_size,
                     seed=stream_seed),
-            partial(batch, size=cfg.batch_size, tokenize=self.tokenize, counter=counter, stream=worker),
+            partial(batch, size=cfg.batch_size, tokenize=self.tokenize, counter=counter, stream=stream),
         )
+
+
+def _round_robin(iterators: list[Iterator[dict]]) -> Iterator[dict]:
+    """One item of each in turn until all are exhausted (a worker reading several streams)."""
+    active = list(iterators)
+    while active:
+        for it in list(active):
+            try:
+                yield next(it)
+            except StopIteration:
+                active.remove(it)
 
 
 class TrainLoader:
@@ -308,9 +341,9 @@ class TrainLoader:
     def __init__(self, cfg: DataConfig, contract: DataContract, rank: int, world: int, seed: int,
                  pin_memory: bool = False):
         self.dataset = ShardStream(cfg, contract, rank, world, seed)
-        self.cfg, self.pin_memory = cfg, pin_memory  # pinned batches make non_blocking copies asynchronous
+        self.cfg, self.rank, self.world, self.pin_memory = cfg, rank, world, pin_memory  # pinned: async copies
         self.batches_per_epoch = self.dataset.batches_per_stream * self.dataset.workers
-        self.epoch, self.streams = 0, {}
+        self.epoch, self.streams, self.layout = 0, {}, self.dataset.layout  # layout of this epoch's streams
         self.skips_before: collections.Counter = collections.Counter()  # from finished epochs
 
     def __iter__(self) -> Iterator[dict]:
@@ -320,14 +353,15 @@ class TrainLoader:
                                              prefetch_factor=4 if self.cfg.workers else None,
                                              persistent_workers=self.cfg.workers > 0, pin_memory=self.pin_memory)
         while True:
-            self.dataset.set_epoch(self.epoch, dict(self.streams))  # workers fork, or resume, at iter(loader)
+            # Workers fork, or resume, at iter(loader).
+            self.dataset.set_epoch(self.epoch, dict(self.streams), self.layout)
             for item in loader:
                 stream = item.pop("__stream__")
                 self.streams[stream] = {"position": item.pop("__position__"), "skips": item.pop("__skips__"),
                                         "batches": self.streams.get(stream, {}).get("batches", 0) + 1}
                 yield item
             self.skips_before.update(self.skips_this_epoch())
-            self.epoch, self.streams = self.epoch + 1, {}
+            self.epoch, self.streams, self.layout = self.epoch + 1, {}, self.dataset.layout
 
     def skips_this_epoch(self) -> collections.Counter:
         total: collections.Counter = collections.Counter()
@@ -341,8 +375,38 @@ class TrainLoader:
         return {reason: counts[reason] for reason in SKIP_REASONS}
 
     def state_dict(self) -> dict:
-        return copy.deepcopy({"epoch": self.epoch, "streams": self.streams, "skips_before": dict(self.skips_before)})
+        return copy.deepcopy({"epoch": self.epoch, "streams": self.streams, "layout": list(self.layout),
+                              "skips_before": dict(self.skips_before)})
 
     def load_state_dict(self, state: dict) -> None:
+        """This rank's state, saved by the same rank of a run of the same world size."""
         self.epoch, self.streams = state["epoch"], {int(k): v for k, v in state["streams"].items()}
+        self.layout = tuple(state["layout"])
         self.skips_before = collections.Counter(state["skips_before"])
+
+    def load_remapped(self, states: list[dict]) -> None:
+        """Every rank's state of a run of another world size: this rank takes its share of the saved
+        streams (exact), or, when they cannot be shared evenly, starts at the next epoch (logged)."""
+        world, workers = states[0]["layout"]
+        epochs = {state["epoch"] for state in states}
+        # Skips are summed over ranks when logged: rank 0 carries the saved ranks' totals.
+        self.skips_before = collections.Counter()
+        if (world * workers) % self.world == 0 and len(epochs) == 1:
+            self.epoch, self.layout, self.streams = epochs.pop(), (world, workers), {}
+            for state in states:
+                self.streams.update({int(g): v for g, v in state["streams"].items()
+                                     if int(g) % self.world == self.rank})
+                if self.rank == 0:
+                    self.skips_before.update(state["skips_before"])
+            log.info("resumed epoch %d of %d ranks x %d workers on %d ranks: this rank reads streams %s",
+                     self.epoch, world, workers, self.world, sorted(self.streams) or "(none started yet)")
+            return
+        self.epoch, self.layout, self.streams = max(epochs) + 1, self.dataset.layout, {}
+        if self.rank == 0:
+            for state in states:
+                self.skips_before.update(state["skips_before"])
+                for stream in state["streams"].values():
+                    self.skips_before.update(stream["skips"])
+        log.warning("the checkpoint's %d data streams (%d ranks x %d workers) cannot be shared evenly by %d ranks: "
+                    "the rest of epoch %d is skipped, training continues at the start of epoch %d",
+                    world * workers, world, workers, self.world, max(epochs), self.epoch)

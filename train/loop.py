@@ -1,8 +1,10 @@
 """The trainer: components built from the config, then nanoGPT's loop order.
 
 Per step: ``lr_at(step)``, the objective's ``start_step`` hook, ``grad_accum`` micro-steps
-(forward, ``engine.backward``, ``engine.step``), ``end_step`` (temperature clamp, EMA), then
-at logging and checkpoint steps only the finite check, metrics and checkpoint. The hooks are those of :class:`train.objective.Objective`.
+(forward, ``engine.backward``, ``engine.step``), ``end_step`` (temperature clamp, EMA), the
+stop check (every rank agrees whether a signal asked to stop; see :mod:`train.preemption`), then
+at logging, checkpoint and stop steps only the finite check, metrics and checkpoint. The hooks
+are those of :class:`train.objective.Objective`.
 Objectives never see DeepSpeed; the engine never sees objective-specific code.
 """
 
@@ -20,6 +22,7 @@ from train.compile import compile_blocks
 from train.config import TrainConfig
 from train.data import TrainLoader
 from train.objective import CachesFeatures, FeatureCache
+from train.preemption import StopRequest
 from train.registry import MODELS, OBJECTIVES
 from train.transforms import to_model_input
 
@@ -87,11 +90,14 @@ class Trainer:
             compile_blocks(self.objective)
         self.optimizer = optim.build_optimizer(self.objective, cfg.optim, self.dist.device,
                                                self.objective.no_weight_decay())
-        ds_config = parallel.deepspeed_config(cfg.parallel, cfg.run, cfg.data.batch_size, self.dist.world)
-        self.engine = parallel.wrap(self.objective, self.optimizer, ds_config, cfg.parallel.activation_checkpointing)
         run_dir = cfg.run.run_dir.rstrip("/")
         self.checkpointer = checkpoint.Checkpointer(f"{run_dir}/checkpoints", cfg.run.ckpt_every,
                                                     cfg.run.keep_last, self.dist.rank, cfg)
+        self.resume_from = self.resume_target()
+        other_world = self.resume_from is not None and checkpoint.saved_world(*self.resume_from) != self.dist.world
+        ds_config = parallel.deepspeed_config(cfg.parallel, cfg.run, cfg.data.batch_size, self.dist.world,
+                                              load_universal=other_world)
+        self.engine = parallel.wrap(self.objective, self.optimizer, ds_config, cfg.parallel.activation_checkpointing)
         if self.dist.is_main:
             os.makedirs(run_dir, exist_ok=True)
             config_io.save(cfg, f"{run_dir}/config.yaml")
@@ -99,31 +105,40 @@ class Trainer:
                                        self.dist.device, config_io.to_dict(cfg))
         self.step = 0
         self.finite = torch.ones((), dtype=torch.bool, device=self.dist.device)  # every loss since the last check
+        self.stop = StopRequest()  # before the DataLoader workers fork
         torch.manual_seed(cfg.run.seed + self.dist.rank)  # per-rank randomness (dropout) from here on
         log.info("global batch %d = %d x %d accum x %d ranks, %d contrasted per loss; %d steps (%d per epoch)",
                  self.global_batch, cfg.data.batch_size, cfg.parallel.grad_accum, self.dist.world, contrasted,
                  self.total_steps, self.steps_per_epoch)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "data": self.loader.state_dict()}
+        return {"step": self.step, "data": self.loader.state_dict(), "metrics": self.metrics.state_dict()}
 
-    def maybe_resume(self) -> dict | None:
-        """Restore the latest or given checkpoint; returns its RNG state (None when starting fresh)."""
+    def resume_target(self) -> tuple[str, str] | None:
+        """(checkpoints folder, tag) of ``run.resume``; None to start fresh."""
         spec = self.cfg.run.resume
         if spec == "latest":
             spec = self.checkpointer.folder
             if not checkpoint_exists(spec):
                 log.info("resume=latest: no checkpoint yet in %s, starting fresh", spec)
                 return None
-        if not spec:
+        return checkpoint.resolve(spec) if spec else None
+
+    def maybe_resume(self) -> dict | None:
+        """Restore the checkpoint of :meth:`resume_target`; returns its RNG state (None when there is none)."""
+        if self.resume_from is None:
             return None
-        state = self.checkpointer.load(self.engine, spec)
+        state, other_world_data = self.checkpointer.load(self.engine, *self.resume_from, self.dist.world)
         self.step = state["step"]
-        self.loader.load_state_dict(state["data"])
-        self.metrics.resume(self.step)
+        if other_world_data is None:
+            self.loader.load_state_dict(state["data"])
+        else:
+            self.loader.load_remapped(other_world_data)
+        self.metrics.resume(self.step, state["metrics"])
         return state["rng"]
 
-    def train(self) -> None:
+    def train(self) -> bool:
+        """Train to ``total_steps``; False when a stop request ended the run early, at a checkpoint."""
         rng = self.maybe_resume()
         batches = iter(self.loader)
         if rng is not None:  # after iter(): creating the iterator draws from torch's generator
@@ -137,12 +152,18 @@ class Trainer:
             last = self.step == self.total_steps
             self.metrics.update(out, self.global_batch // self.dist.world, data_wait)
             log_now, save_now = self.metrics.should_log(self.step, last), self.checkpointer.due(self.step, last)
-            if log_now or save_now:
+            stop_now = self.stop.agreed() and not last  # a collective on every rank, every step
+            if log_now or save_now or stop_now:
                 self.check_finite()
             if log_now:  # before the checkpoint, so a resume never lacks a record
                 self.metrics.log(self.step, self.loader.epoch, lr, self.loader.skipped())
-            if save_now:
+            if save_now or stop_now:
                 self.checkpointer.save(self.engine, self.step, self.state_dict())
+            if stop_now:
+                log.warning("stopped at step %d of %d on request; run.resume=latest continues from here",
+                            self.step, self.total_steps)
+                return False
+        return True
 
     def train_step(self, batches, step: int) -> tuple[dict[str, torch.Tensor], float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns detached terms and data wait."""
@@ -171,6 +192,7 @@ class Trainer:
                 "saved: resume from it with a lower optim.lr or parallel.grad_clip > 0")
 
     def close(self) -> None:
+        self.stop.close()
         self.metrics.close()
         parallel.shutdown()
 

@@ -13,6 +13,8 @@ from pipeline.core.errors import run_command
 from train.config import TrainConfig
 from train.loop import Trainer
 
+REQUEUE_EXIT = 75  # stopped on SIGTERM/SIGUSR1 after a checkpoint: slurm/train.sh requeues the job (EX_TEMPFAIL)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.main", description=__doc__.splitlines()[0])
@@ -20,10 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.from_args(TrainConfig, parser.parse_args(argv))  # config errors raise before any process group
     trainer = Trainer(cfg)
     try:
-        trainer.train()
+        finished = trainer.train()
     finally:
         trainer.close()
-    return 0
+    return 0 if finished else REQUEUE_EXIT
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@ terms, lr, samples_per_s, data_wait_s, mem_rss_gb, skip counters). Only rank 0 w
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
 
 import psutil
 import torch
 import torch.distributed as dist
 
-from pipeline.core.io import is_local
+from pipeline.core.io import atomic_write, is_local
 from pipeline.core.log import get_logger
 from train.config import LogConfig
 
@@ -46,20 +48,24 @@ class Metrics:
     def _writers(self, config: dict) -> list:
         writers = [JsonlWriter(f"{self.run_dir}/metrics.jsonl")]
         if self.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writers.append(TensorBoardWriter(SummaryWriter(f"{self.run_dir}/tensorboard")))
+            writers.append(TensorBoardWriter(f"{self.run_dir}/tensorboard"))
         if self.cfg.wandb_project:
-            import wandb
-
-            writers.append(WandbWriter(wandb.init(project=self.cfg.wandb_project, dir=self.run_dir, config=config,
-                                                  resume="allow")))
+            writers.append(WandbWriter(self.cfg.wandb_project, self.run_dir, config))
         return writers
 
-    def resume(self, step: int) -> None:
-        """Drop records past ``step`` (written after the checkpoint a resumed run restarts from)."""
+    def state_dict(self) -> dict:
+        """What was accumulated since the last record: a resume mid-interval logs the same means."""
+        return {"terms": dict(self.terms), "samples": self.samples, "data_wait": self.data_wait,
+                "steps_since": self.steps_since}
+
+    def resume(self, step: int, state: dict | None) -> None:
+        """Drop records past ``step`` (written after the checkpoint a resumed run restarts from)
+        and restore the accumulators of ``state`` (None: a checkpoint written before they were saved)."""
         for writer in self.writers:
             writer.truncate(step)
+        if state:
+            self.terms, self.samples = dict(state["terms"]), state["samples"]
+            self.data_wait, self.steps_since = state["data_wait"], state["steps_since"]
 
     def update(self, out: dict[str, torch.Tensor], samples: int, data_wait: float) -> None:
         for name, value in out.items():
@@ -120,8 +126,11 @@ class JsonlWriter:
 
 
 class TensorBoardWriter:
-    def __init__(self, writer):
-        self.writer = writer
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir, self.summary_writer = log_dir, SummaryWriter
+        self.writer = SummaryWriter(log_dir)
 
     def write(self, record: dict) -> None:
         for key, value in record.items():
@@ -129,21 +138,36 @@ class TensorBoardWriter:
                 self.writer.add_scalar(f"train/{key}", value, record["step"])
 
     def truncate(self, step: int) -> None:
-        pass  # TensorBoard shows the latest value written for a step
+        """TensorBoard hides the events of earlier files from ``purge_step`` on: those after the checkpoint."""
+        self.writer.close()
+        self.writer = self.summary_writer(self.log_dir, purge_step=step + 1)
 
     def close(self) -> None:
         self.writer.close()
 
 
 class WandbWriter:
-    def __init__(self, run):
-        self.run = run
+    """One wandb run per run_dir: its id is kept in ``run_dir/wandb_id``, so a requeued or resumed
+    job continues the same run (``resume="allow"``) instead of starting a new one."""
+
+    def __init__(self, project: str, run_dir: str, config: dict):
+        import wandb
+
+        id_file = f"{run_dir}/wandb_id"
+        if os.path.exists(id_file):
+            with open(id_file) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = uuid.uuid4().hex[:16]  # wandb ids: up to 64 of [a-z0-9]
+            with atomic_write(id_file, "w") as f:
+                f.write(run_id)
+        self.run = wandb.init(project=project, dir=run_dir, config=config, id=run_id, resume="allow")
 
     def write(self, record: dict) -> None:
         self.run.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def truncate(self, step: int) -> None:
-        pass  # wandb's resume="allow" continues the run; steps are monotone after the restart
+        pass  # wandb keeps steps monotone: it drops replayed steps up to its last one (equal values on replay)
 
     def close(self) -> None:
         self.run.finish()

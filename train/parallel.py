@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import os
@@ -82,6 +83,9 @@ def init_distributed(device: str, timeout_min: int = 30, master_port: int = 2950
     if not dist.is_initialized():
         dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world,
                                 timeout=datetime.timedelta(minutes=timeout_min))
+    global _control
+    # Host-side flags (stop requests) go over gloo beside NCCL: no device sync for a CPU flag.
+    _control = dist.new_group(backend="gloo") if env.world > 1 else None
     return env
 
 
@@ -96,8 +100,10 @@ def _deepspeed():
     return deepspeed
 
 
-def deepspeed_config(parallel: ParallelConfig, run: RunConfig, micro_batch: int, world: int) -> dict:
-    """The DeepSpeed JSON, generated from the typed section (there is no hand-written copy)."""
+def deepspeed_config(parallel: ParallelConfig, run: RunConfig, micro_batch: int, world: int,
+                     load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON, generated from the typed section (there is no hand-written copy).
+    ``load_universal``: the run resumes a checkpoint of another world size (see :func:`to_universal`)."""
     zero = {
         "stage": parallel.zero_stage,
         "reduce_bucket_size": parallel.reduce_bucket_size,
@@ -119,6 +125,7 @@ def deepspeed_config(parallel: ParallelConfig, run: RunConfig, micro_batch: int,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         **({"torch_autocast": autocast(parallel)} if run.dtype == "bf16" else {}),
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -147,9 +154,34 @@ def wrap(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, a
     return engine
 
 
+def to_universal(folder: str, tag: str) -> str:
+    """Convert checkpoint ``folder/tag`` (ZeRO partitions of one world size) to DeepSpeed's universal
+    format beside it, ``folder/{tag}_universal``, which loads on any world size; returns that tag.
+    Called by rank 0 alone (the others wait at a barrier); a finished conversion is reused."""
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    out = f"{tag}_universal"
+    if not os.path.exists(f"{folder}/{out}/zero"):
+        main(argparse.Namespace(input_folder=f"{folder}/{tag}", output_folder=f"{folder}/{out}",
+                                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                inject_missing_state=True))
+    return out
+
+
 def local_shard(p: torch.Tensor) -> torch.Tensor:
     """The data of ``p`` held by this rank (its ZeRO-3 partition, else the whole tensor)."""
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+_control = None  # the gloo group of init_distributed, for control flags
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one tiny all-reduce on the control group)."""
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    if _control is not None:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control)
+    return bool(value.item())
 
 
 @torch.no_grad()
@@ -191,5 +223,7 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    global _control
     if dist.is_initialized():
         dist.destroy_process_group()
+    _control = None

@@ -7,9 +7,11 @@ succeeded and writes its results into the run directory.
 
 from __future__ import annotations
 
-import io
 import json
+import os
 import re
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,59 @@ def test_train_on_two_nodes_then_chained_eval(slurm_cluster, job_env, tmp_path):
     results = list((run_dir / "eval").glob("*zeroshot_classification.json"))
     assert results, eval_log[-4000:]
     assert json.loads(results[0].read_text())["metrics"]["acc1"] > 0  # a number came out of the chained job
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def _job_field(cluster, job_id: int, field: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", str(job_id)], env=cluster.env, capture_output=True, text=True)
+    match = re.search(rf"\b{field}=(\S+)", shown.stdout)
+    return match.group(1) if match else ""
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_warning_signal_checkpoints_requeues_and_continues_the_curve(slurm_cluster, job_env, tmp_path):
+    """`--signal=B:USR1@300` as Slurm sends it (to the batch shell only): the trainer checkpoints after its
+    step, the job requeues itself and resumes; the curve equals an uninterrupted run's, no step lost or repeated."""
+    shards = write_pool_shards(tmp_path / "data")
+    args = ["configs/clip/tiny.yaml", f"data.path={shards}", "run.steps=12", "run.log_every=2", "run.ckpt_every=0",
+            "schedule.warmup_steps=1", "data.batch_size=16", "data.workers=1", "log.tensorboard=false"]
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    env = {**os.environ, **job_env, "PYTHONPATH": str(REPO)}
+    reference = subprocess.run(  # the same world (2 ranks on one node), uninterrupted
+        [job_env["PYTHON"], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.main",
+         "--config", *args, f"run.run_dir={reference_dir}"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert reference.returncode == 0, reference.stderr[-4000:]
+
+    out = tmp_path / "job.out"
+    job_id = int(subprocess.run(  # not --wait: that returns when the job is requeued
+        ["sbatch", "--parsable", f"--output={out}", "--nodes=1", str(REPO / "slurm" / "train_clip.sh"), *args],
+        env={**slurm_cluster.env, **job_env, "RUN_DIR": str(run_dir), "EVAL": "0", "CPU_PROCS_PER_NODE": "2"},
+        cwd=REPO, capture_output=True, text=True, check=True).stdout.split(";")[0])
+    try:
+        _wait(lambda: (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip(), 240,
+              "the first record")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", str(job_id)], env=slurm_cluster.env, check=True)
+        _wait(lambda: _job_field(slurm_cluster, job_id, "Restarts") == "1", 240, "the job to requeue itself")
+        # A requeued job is held for a while (its BeginTime): release it now.
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_cluster.env, check=True)
+        state = slurm_cluster.wait_job(job_id, timeout=300)
+    finally:
+        subprocess.run(["scancel", str(job_id)], env=slurm_cluster.env)
+    log = out.read_text(errors="replace")  # --open-mode=append: both runs of the job
+    stopped = re.findall(r"stopped at step (\d+) of 12", log)
+    assert state in ("COMPLETED", "PURGED") and len(stopped) == 2 and "requeueing job" in log, log[-6000:]
+    assert int(stopped[0]) < 12, "the signal came too late to test anything"
+    assert f"resumed from {run_dir}/checkpoints/step_{int(stopped[0]):07d}" in log, log[-6000:]
+    assert "saved checkpoint step_0000012" in log, log[-6000:]
+    assert _losses(run_dir) == _losses(reference_dir)  # bitwise, step for step

@@ -38,6 +38,7 @@ def test_deepspeed_section_loads_and_generates_json(path):
     ("parallel.zero_stage=4", "parallel.zero_stage"),
     ("run.epochs=2", "exactly one of run.steps and run.epochs"),
     ("model.name=clip_tnyi", "did you mean 'clip_tiny'"),
+    ("run.run_dir=s3://bucket/runs/b32", "run.run_dir must be a local or mounted directory, not the URL s3://"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

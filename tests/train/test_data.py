@@ -1,7 +1,10 @@
 """The training loader on real tar shards: exact mid-epoch resume, counted skips, guard rails."""
 
+import functools
+import http.server
 import itertools
 import shutil
+import threading
 
 import pytest
 import torch
@@ -16,9 +19,60 @@ from train.transforms import TRANSFORMS, to_model_input
 CONTRACT = DataContract(image_size=32, context_length=16)
 
 
-def _loader(path, workers=2, **kw):
+def _loader(path, workers=2, rank=0, world=1, **kw):
     cfg = DataConfig(path=str(path), batch_size=16, workers=workers, shuffle_buffer=64, **kw)
-    return TrainLoader(cfg, CONTRACT, rank=0, world=1, seed=3)
+    return TrainLoader(cfg, CONTRACT, rank=rank, world=world, seed=3)
+
+
+def _rest_of_epoch(loader, stream) -> list[int]:
+    """Sample ids of ``stream`` until ``loader`` moves to the next epoch."""
+    epoch, ids = loader.epoch, []
+    while True:
+        batch = next(stream)
+        if loader.epoch != epoch:
+            return ids
+        ids += batch["sample_id"].tolist()
+
+
+def _interrupted(loaders, batches) -> tuple[list[int], list[dict]]:
+    """The ids each loader read in its first ``batches`` batches, and the loaders' states then."""
+    ids = []
+    for loader in loaders:
+        stream = iter(loader)
+        ids += [i for _ in range(batches) for i in next(stream)["sample_id"].tolist()]
+    return ids, [loader.state_dict() for loader in loaders]
+
+
+@pytest.mark.parametrize("before, after", [((2, 2), (1, 0)), ((1, 2), (2, 0))], ids=["2to1", "1to2"])
+def test_resume_on_another_world_size_reads_every_sample_of_the_epoch_once(fmnist_shards, before, after):
+    """(ranks, workers) before and after: 2 ranks x 2 workers -> 1 rank reading all 4 streams in-process,
+    and 1 rank x 2 workers -> 2 ranks; across the interruption the epoch reads exactly the samples of an
+    uninterrupted run, none twice more and none skipped."""
+    (world, workers), (new_world, new_workers) = before, after
+    epoch = []
+    for rank in range(world):
+        loader = _loader(fmnist_shards, workers, rank, world)
+        epoch += _rest_of_epoch(loader, iter(loader))
+    read, states = _interrupted([_loader(fmnist_shards, workers, r, world) for r in range(world)], batches=5)
+    for rank in range(new_world):
+        loader = _loader(fmnist_shards, new_workers, rank, new_world)
+        loader.load_remapped(states)
+        read += _rest_of_epoch(loader, iter(loader))
+        assert loader.epoch == 1
+    # The same multiset as the uninterrupted epoch. (Not a permutation of the shards even then: a stream's
+    # shuffle buffer already holds samples of its next pass when the epoch's last batch is drawn.)
+    assert sorted(read) == sorted(epoch)
+
+
+def test_resume_that_cannot_share_the_streams_says_so_and_starts_the_next_epoch(fmnist_shards, caplog):
+    _, states = _interrupted([_loader(fmnist_shards, workers=0)], batches=3)  # 1 stream
+    loader = _loader(fmnist_shards, 0, rank=1, world=2)
+    loader.load_remapped(states)
+    assert "cannot be shared evenly by 2 ranks: the rest of epoch 0 is skipped" in caplog.text
+    assert loader.epoch == 1
+    fresh = _loader(fmnist_shards, 0, rank=1, world=2)
+    fresh.epoch = 1
+    assert torch.equal(next(iter(loader))["sample_id"], next(iter(fresh))["sample_id"])
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +149,24 @@ def test_uint8_from_workers_normalised_on_the_device_equals_the_old_fp32_bit_for
         assert bf16.is_contiguous(memory_format=torch.channels_last)
     ids = torch.arange(3)
     assert to_model_input({"sample_id": ids}, CONTRACT, torch.bfloat16)["sample_id"] is ids
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_shards_over_http_give_the_batches_of_local_shards(fmnist_shards):
+    """``data.path=http://127.0.0.1:PORT/...{000000..000007}.tar`` (a real HTTP server on loopback, as an
+    object store or CDN serves shards): the same batches, bit for bit, as the same pattern on disk."""
+    handler = functools.partial(_QuietHandler, directory=str(fmnist_shards))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        pattern = "shards/{000000..000007}.tar"
+        remote = _loader(f"http://127.0.0.1:{server.server_address[1]}/{pattern}", num_samples=1024)
+        local = _loader(f"{fmnist_shards}/{pattern}", num_samples=1024)
+        for want, got in itertools.islice(zip(iter(local), iter(remote)), 6):
+            assert want.keys() == got.keys()
+            for key in want:
+                assert torch.equal(want[key], got[key]), key
+        server.shutdown()

@@ -6,14 +6,18 @@ test, the ZeRO-3 run is also exported through ``load_encoder``.
 
 import json
 import math
+import shutil
+import signal
+import time
 
+import psutil
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from train.encoder import load_encoder
-from train.parallel import consolidated_state_dict
+from train.parallel import consolidated_state_dict, to_universal
 from conftest import write_fmnist_shards
 from train_runs import cached_runs, embed_without_deepspeed, kill_one_rank_at_checkpoint
 
@@ -125,3 +129,55 @@ def test_corrupt_samples_on_one_rank_are_counted_and_the_run_finishes(tmp_path, 
     assert [r["step"] for r in records] == [3, 6, 9, 12, 15, 16]
     assert {reason: records[-1][f"skipped_{reason}"] for reason in SKIP_REASONS} == {
         reason: planted.get(reason, 0) for reason in SKIP_REASONS}
+
+
+def test_stop_signal_to_one_rank_checkpoints_and_the_resume_matches_the_curve(runs, fmnist_shards, tmp_path,
+                                                                              torchrun, torchrun_popen):
+    """SIGUSR1 (Slurm's warning) to one rank and its DataLoader workers: both ranks stop after the same step
+    with a checkpoint there (ckpt_every=0 saves none of its own), exit 75, and the resumed run continues the curve."""
+    reference = _losses(runs(2))
+    proc = torchrun_popen(_args(fmnist_shards, tmp_path, 2, "run.ckpt_every=0"))
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first record"
+        time.sleep(0.02)
+    rank = psutil.Process(proc.pid).children()[-1]
+    for process in [rank, *rank.children()]:  # the workers inherit the handler and must ignore the signal
+        process.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert "exitcode  : 75" in stderr, stderr[-4000:]
+    stopped_at = max(_losses(tmp_path))
+    assert stopped_at < STEPS, "the signal came too late to test anything"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{stopped_at:07d}"
+
+    resumed = torchrun(_args(fmnist_shards, tmp_path, 2, "run.resume=latest"), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert _losses(tmp_path) == reference  # bitwise, step for step
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank_with_model_and_optimizer_state(runs, fmnist_shards, tmp_path,
+                                                                                torchrun):
+    """The ZeRO-2 run's step-8 checkpoint (2 ranks) continues on 1 rank through DeepSpeed's universal form.
+    One step at lr 0 leaves the fp32 weights as saved, and Adam's moments of that step follow from the saved
+    ones: with g = (m9 - b1 m8) / (1 - b1), v9 == b2 v8 + (1 - b2) g^2, and the step count is 9."""
+    saved = tmp_path / "two_ranks" / "checkpoints"
+    shutil.copytree(runs(2) / "checkpoints" / "step_0000008", saved / "step_0000008")
+    run_dir = tmp_path / "one_rank"
+    proc = torchrun(_args(fmnist_shards, run_dir, 2, "run.steps=9", "optim.lr=0",
+                          f"run.resume={saved / 'step_0000008'}"), nproc=1, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "this rank reads streams [0, 1, 2, 3]" in proc.stderr  # the data position of both ranks' streams
+    assert sorted(_losses(run_dir)) == [9]
+    before = saved / "step_0000008_universal" / "zero"
+    after = run_dir / "checkpoints" / to_universal(str(run_dir / "checkpoints"), "step_0000009") / "zero"
+    b1, b2 = 0.9, 0.98
+    params = sorted(p.name for p in before.iterdir() if p.is_dir())  # one folder per parameter
+    assert params and params == sorted(p.name for p in after.iterdir() if p.is_dir())
+    for name in params:
+        old, new = ({f: torch.load(d / name / f"{f}.pt", weights_only=False)
+                     for f in ("fp32", "exp_avg", "exp_avg_sq", "step")} for d in (before, after))
+        assert torch.equal(new["fp32"]["param"], old["fp32"]["param"]), name
+        assert float(new["step"]) == float(old["step"]) + 1 == 9
+        grad = (new["exp_avg"]["param"] - b1 * old["exp_avg"]["param"]) / (1 - b1)  # this step's gradient
+        torch.testing.assert_close(new["exp_avg_sq"]["param"], b2 * old["exp_avg_sq"]["param"] + (1 - b2) * grad**2,
+                                   rtol=1e-5, atol=0, msg=name)
