@@ -71,6 +71,11 @@ def _job_field(cluster, job_id: int, field: str) -> str:
     return match.group(1) if match else ""
 
 
+def _nodes_idle(cluster) -> bool:
+    states = subprocess.run(["sinfo", "-h", "-o", "%T"], env=cluster.env, capture_output=True, text=True).stdout.split()
+    return bool(states) and all(state == "idle" for state in states)
+
+
 def _wait(predicate, timeout: float, what: str):
     deadline = time.time() + timeout
     while not predicate():
@@ -102,15 +107,21 @@ def test_warning_signal_checkpoints_requeues_and_continues_the_curve(slurm_clust
         _wait(lambda: (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip(), 240,
               "the first record")
         subprocess.run(["scancel", "--batch", "--signal=USR1", str(job_id)], env=slurm_cluster.env, check=True)
-        _wait(lambda: _job_field(slurm_cluster, job_id, "Restarts") == "1", 240, "the job to requeue itself")
-        # A requeued job is held for a while (its BeginTime): release it now.
+        # Requeued: back to PENDING and held for a while (its BeginTime). Release it once the first run's
+        # batch script has left its node: started there before that, Slurm kills it ("Job credential revoked").
+        _wait(lambda: _job_field(slurm_cluster, job_id, "Restarts") == "1"
+              and _job_field(slurm_cluster, job_id, "JobState") == "PENDING" and _nodes_idle(slurm_cluster), 240,
+              "the job to requeue itself and its node to be idle")
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_cluster.env, check=True)
         state = slurm_cluster.wait_job(job_id, timeout=300)
+        shown = subprocess.run(["scontrol", "show", "job", str(job_id)], env=slurm_cluster.env, capture_output=True,
+                               text=True).stdout
     finally:
         subprocess.run(["scancel", str(job_id)], env=slurm_cluster.env)
     log = out.read_text(errors="replace")  # --open-mode=append: both runs of the job
     stopped = re.findall(r"stopped at step (\d+) of 12", log)
-    assert state in ("COMPLETED", "PURGED") and len(stopped) == 2 and "requeueing job" in log, log[-6000:]
+    assert state in ("COMPLETED", "PURGED") and len(stopped) == 2 and "requeueing job" in log, (
+        log[-5000:] + shown + (slurm_cluster.root / "slurmctld.log").read_text(errors="replace")[-4000:])
     assert int(stopped[0]) < 12, "the signal came too late to test anything"
     assert f"resumed from {run_dir}/checkpoints/step_{int(stopped[0]):07d}" in log, log[-6000:]
     assert "saved checkpoint step_0000012" in log, log[-6000:]
