@@ -40,6 +40,7 @@ from typing import Callable, Iterator
 
 import torch
 import webdataset as wds
+from webdataset.mix import round_robin_longest
 from PIL import Image
 
 from pipeline.core.io import exists, read_json
@@ -293,7 +294,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         for stream in mine:
             state = resume.get(stream, {"position": 0, "batches": 0, "skips": {}})
             parts.append(itertools.islice(self.pipeline(stream, layout, state), per_stream - state["batches"]))
-        return parts[0] if len(parts) == 1 else _round_robin(parts)
+        return round_robin_longest(*parts)  # a worker reading several streams takes them in turn
 
     def pipeline(self, stream: int, layout: tuple[int, int], state: dict) -> wds.DataPipeline:
         cfg, position = self.cfg, state["position"]
@@ -318,17 +319,6 @@ class ShardStream(torch.utils.data.IterableDataset):
                     seed=stream_seed),
             partial(batch, size=cfg.batch_size, tokenize=self.tokenize, counter=counter, stream=stream),
         )
-
-
-def _round_robin(iterators: list[Iterator[dict]]) -> Iterator[dict]:
-    """One item of each in turn until all are exhausted (a worker reading several streams)."""
-    active = list(iterators)
-    while active:
-        for it in list(active):
-            try:
-                yield next(it)
-            except StopIteration:
-                active.remove(it)
 
 
 class TrainLoader:
