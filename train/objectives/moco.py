@@ -35,12 +35,27 @@ def shuffled_forward(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return encoder(images)
     b = images.shape[0]
     everything = all_gather_no_grad(images)  # (N, 3, H, W)
-    order = torch.randperm(everything.shape[0], device=images.device)
+    n = everything.shape[0]
+    order = key_order(n, b).to(images.device) if rank == 0 else torch.empty(n, dtype=torch.long, device=images.device)
     dist.broadcast(order, src=0)  # one permutation for all ranks
     keys = all_gather_no_grad(encoder(everything[order[rank * b : (rank + 1) * b]]))  # (N, d), shuffled
     unshuffled = torch.empty_like(keys)
     unshuffled[order] = keys
     return unshuffled[rank * b : (rank + 1) * b]  # (b, d)
+
+
+def key_order(n: int, b: int) -> torch.Tensor:
+    """A random order of the N gathered samples in which no slice of b is one rank's own batch.
+
+    A slice holding exactly rank r's samples (in any order) would normalise their keys with the
+    statistics their queries saw; a plain ``randperm`` draws one with probability about
+    ``W / C(N, b)`` (1/3 at 2 ranks x 2). Redrawn on the host, so no device sync; needs b >= 2.
+    """
+    own = torch.arange(n).view(-1, b)
+    while True:
+        order = torch.randperm(n)
+        if not (order.view(-1, b).sort(dim=1).values[:, None] == own[None]).all(-1).any():
+            return order
 
 
 @full_precision
@@ -74,6 +89,12 @@ class MoCo(nn.Module, Objective):
         self.queue = FeatureQueue(cfg.queue_size, key=model.head_dim)
         self.temperature = cfg.temperature
         self.shuffle_bn = cfg.shuffle_bn
+
+    def check(self, global_batch: int, world_size: int) -> None:
+        super().check(global_batch, world_size)
+        if self.shuffle_bn and world_size > 1 and global_batch // world_size < 2:
+            # A key alone in its slice would see exactly the statistics of its query alone in its batch.
+            raise ValueError(f"objective.shuffle_bn needs data.batch_size >= 2, got {global_batch // world_size}")
 
     def end_step(self) -> None:
         self.key_encoder.update()  # after the optimizer step, as MoCo updates before the next keys
