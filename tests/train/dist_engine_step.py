@@ -13,18 +13,24 @@ process start-up is the cost.
   the ALBEF reference does), so its loss is not the global-batch one by design; its reference is
   the data-parallel definition: each rank's plain autograd gradient, averaged over ranks by hand.
 
-Rank 0 writes ``{"OBJECTIVE/zeroS": {"update_err", "update_max", "moved", "params", "loss_err"}}``.
+Rank 0 writes ``{"OBJECTIVE/zeroS": {"update_err", "update_max", "moved", "params", "loss_err"}, ...}``, plus,
+from the same launch (and the CLIP ZeRO-2 engine), ``checkpoint``: when ``latest`` was written against when
+the slow rank 1 finished its part of the save, and ``mem_rss``: the logged ``mem_rss_gb`` against each
+rank's resident memory, rank 1 holding 256 MiB more.
 """
 
 import json
 import os
 import sys
+import time
+
+import psutil
 
 import torch
 import torch.distributed as dist
 
-from train import optim, parallel
-from train.config import OptimConfig, ParallelConfig, RunConfig
+from train import checkpoint, metrics, optim, parallel
+from train.config import LogConfig, OptimConfig, ParallelConfig, RunConfig
 from train.registry import MODELS, OBJECTIVES
 from train.tokenizers import build as build_tokenizer
 
@@ -111,7 +117,38 @@ def engine_step(name: str, batch: dict, stage: int, world: int) -> tuple[dict, f
     objective.end_step()
     loss = loss.detach().clone()
     dist.all_reduce(loss)
-    return snapshot(objective), float(loss) / world
+    return snapshot(objective), float(loss) / world, engine
+
+
+class SlowToSave:
+    """Pickles (as 0) only after a while: rank 1's trainer state is the last part of the checkpoint."""
+
+    def __reduce__(self):
+        time.sleep(3.0)
+        return int, (0,)
+
+
+def save_with_a_slow_rank(engine, out_dir: str, rank: int) -> dict:
+    """``latest``'s mtime against that of rank 1's trainer state, which rank 1 writes 3 s late."""
+    folder = f"{out_dir}/checkpoints"
+    saver = checkpoint.Checkpointer(folder, every=1, keep_last=3, rank=rank, cfg=RunConfig(run_dir=out_dir, steps=1))
+    saver.save(engine, 1, {"slow": SlowToSave() if rank == 1 else 0})
+    parallel.barrier()
+    return {"latest": os.stat(f"{folder}/latest").st_mtime,
+            "last_rank_state": os.stat(f"{folder}/{checkpoint.tag_for(1)}/trainer_rank1.pt").st_mtime}
+
+
+def logged_memory(out_dir: str, rank: int, world: int) -> dict:
+    """The ``mem_rss_gb`` that one logging step records, with each rank's own resident memory then."""
+    held = torch.ones(64 * 2**20) if rank == 1 else None  # 256 MiB, written, so resident
+    log = metrics.Metrics(LogConfig(tensorboard=False), out_dir, 1, rank, world, torch.device("cpu"), {})
+    log.update({"loss": torch.tensor(1.0)}, 1, 0.0)
+    record = log.log(1, 0, 0.1, {})
+    rss = [None] * world
+    dist.all_gather_object(rss, psutil.Process().memory_info().rss / 2**30)
+    log.close()
+    del held
+    return {"logged": record["mem_rss_gb"], "ranks": rss}
 
 
 def main(out_path: str) -> None:
@@ -119,18 +156,22 @@ def main(out_path: str) -> None:
                    for name, case in CASES.items() if case[4] == "one_process"}  # before the process group: world 1
     env = parallel.init_distributed("cpu")
     initial = {name: {n: p.detach().clone() for n, p in build(name).named_parameters()} for name in CASES}
-    result = {}
+    result, kept = {}, None
     for name, (_, _, _, stages, reference) in CASES.items():
         batch = local(global_batch(name, build(name)), env.rank, env.world)
         expected, expected_loss = one_process[name] if reference == "one_process" else plain_step(name, batch, True)
         for stage in stages:
-            params, loss = engine_step(name, batch, stage, env.world)
+            params, loss, engine = engine_step(name, batch, stage, env.world)
+            kept = engine if (name, stage) == ("clip", 2) else kept
             start = initial[name]
             update_err = max(float((params[n] - expected[n]).abs().max()) for n in start)
             update_max = max(float((expected[n] - start[n]).abs().max()) for n in start)
             moved = sum(not torch.equal(params[n], start[n]) for n in start)
             result[f"{name}/zero{stage}"] = dict(update_err=update_err, update_max=update_max, moved=moved,
                                                  params=len(start), loss_err=abs(loss - expected_loss))
+    out_dir = os.path.dirname(out_path)
+    result["checkpoint"] = save_with_a_slow_rank(kept, out_dir, env.rank)
+    result["mem_rss"] = logged_memory(out_dir, env.rank, env.world)
     if env.rank == 0:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)
