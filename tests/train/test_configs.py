@@ -58,7 +58,7 @@ def test_tiny_clip_variants_forward_and_backward(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_activation_checkpointing_keeps_the_gradients():
+def test_activation_checkpointing_recomputes_every_block_and_keeps_the_gradients():
     cfg = MODELS.get("clip_tiny").Config()
     ids = torch.randint(1, 1000, (2, cfg.context_length))
     images = torch.randn(2, 3, cfg.image_size, cfg.image_size)
@@ -67,8 +67,16 @@ def test_activation_checkpointing_keeps_the_gradients():
         torch.manual_seed(0)
         model = MODELS.build("clip_tiny", cfg)
         model.set_grad_checkpointing(checkpointing)
+        blocks = {f"{tower}.blocks.{i}": block for tower in ("visual", "text")
+                  for i, block in enumerate(getattr(model, tower).blocks)}
+        calls = dict.fromkeys(blocks, 0)
+        for name, block in blocks.items():
+            # A pre-hook: the recomputation stops early, once it has what backward needs (no post-hook then).
+            block.register_forward_pre_hook(lambda module, args, name=name: calls.__setitem__(name, calls[name] + 1))
         image, text = model(images, ids, torch.ones_like(ids))
         (image * text).sum().backward()
+        # Checkpointing frees each block's activations after forward and runs the block again in backward.
+        assert calls == dict.fromkeys(blocks, 2 if checkpointing else 1), (checkpointing, calls)
         grads.append([p.grad for p in model.parameters()])
     for plain, checkpointed in zip(*grads):
         torch.testing.assert_close(checkpointed, plain)

@@ -41,8 +41,9 @@ def _losses(run_dir):
 @pytest.fixture(scope="module")
 def runs(fmnist_shards, tmp_path_factory, torchrun):
     """Run dirs of uninterrupted ZeRO-1/2/3 runs, built lazily and kept for the module."""
-    return cached_runs(tmp_path_factory, torchrun, lambda run_dir, stage: _args(fmnist_shards, run_dir, stage),
-                       "clip", timeout=600)
+    # ZeRO-1 keeps the last 2 of its 3 checkpoints (run.keep_last), the others the default 3.
+    return cached_runs(tmp_path_factory, torchrun, lambda run_dir, stage: _args(
+        fmnist_shards, run_dir, stage, *(["run.keep_last=2"] if stage == 1 else [])), "clip", timeout=600)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -57,8 +58,22 @@ def test_zero_stage_lowers_the_loss(runs, stage):
     assert (runs(stage) / "checkpoints" / "latest").read_text() == f"step_{STEPS:07d}"
 
 
-def test_zero3_checkpoint_exports_an_encoder(runs):
-    encoder = load_encoder(str(runs(3)))
+def test_keep_last_keeps_the_newest_checkpoints(runs):
+    checkpoints = runs(1) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_0000008", "step_0000012"]
+    assert (checkpoints / "latest").read_text() == "step_0000012"
+
+
+@pytest.mark.parametrize("stage, spec, tag", [(3, "", "step_0000012"), (2, "checkpoints", "step_0000012"),
+                                              (2, "checkpoints/step_0000008", "step_0000008")])
+def test_checkpoint_exports_an_encoder_with_the_consolidated_weights(runs, stage, spec, tag):
+    """A run dir, its checkpoints folder or one step_* folder, under ZeRO-3 or ZeRO-2: the encoder holds
+    exactly that tag's weights, gathered from every rank's partition by DeepSpeed's zero_to_fp32."""
+    encoder = load_encoder(str(runs(stage) / spec))
+    reference = consolidated_state_dict(str(runs(stage) / "checkpoints"), tag)
+    weights = {f"model.{k}": v for k, v in encoder.model.state_dict().items() if f"model.{k}" in reference}
+    assert len(weights) == sum(k.startswith("model.") for k in reference)
+    assert all(torch.equal(weights[k], reference[k]) for k in weights), tag
     images = torch.stack([encoder.preprocess(Image.new("L", (28, 28), 128))] * 2)
     assert encoder.embed_images(images).shape == (2, 64)
     assert encoder.embed_texts(["a photo of a bag"]).shape == (1, 64)
