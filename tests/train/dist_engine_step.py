@@ -37,7 +37,8 @@ from train.tokenizers import build as build_tokenizer
 GLOBAL_BATCH, LR = 4, 0.5
 CAPTIONS = ["a photo of a sneaker", "a photo of a bag", "a small grayscale picture of a coat", "my new pants"]
 TINY_VIT = dict(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2)
-TINY_RESNET = dict(layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], stem_width=8, zero_init_last=False)  # every weight gets a gradient
+# zero_init_last=False: no zero BatchNorm gain, so every weight gets a gradient
+TINY_RESNET = dict(layers=[1, 1, 1, 1], channels=[8, 8, 16, 16], stem_width=8, zero_init_last=False)
 CASES = {  # name: (model name, model overrides, objective overrides, ZeRO stages, reference)
     "clip": ("clip_tiny", {}, {}, (1, 2, 3), "one_process"),
     "simclr": ("ssl", dict(backbone="resnet18", backbone_args=TINY_RESNET, image_size=16, head_hidden_dim=16,
