@@ -46,3 +46,12 @@ def test_sync_bn_refuses_batchnorm_it_cannot_convert():
     cfg = MODELS.get("ssl").Config(backbone="efficientnet_b0", image_size=32, sync_bn=True)  # BatchNormAct2d
     with pytest.raises(ValueError, match="cannot synchronise BatchNormAct2d"):
         MODELS.build("ssl", cfg)
+
+
+def test_moco_refuses_shuffle_bn_with_global_batchnorm():
+    cfg = config.load(TrainConfig, CONFIGS / "moco" / "tiny.yaml", ["model.sync_bn=true"])
+    model = MODELS.build(cfg.model.name, cfg.model)
+    with pytest.raises(config.ConfigError, match=r"objective\.shuffle_bn and model\.sync_bn .* model\.sync_bn=false"):
+        OBJECTIVES.build(cfg.objective.name, cfg.objective, model)
+    OBJECTIVES.build(cfg.objective.name, config.load(TrainConfig, CONFIGS / "moco" / "tiny.yaml",
+                                                     ["objective.shuffle_bn=false"]).objective, model)
