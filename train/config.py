@@ -107,9 +107,9 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class ParallelConfig:
-    """DeepSpeed settings (``configs/deepspeed/zero{1,2,3}.yaml``)."""
+    """DeepSpeed settings (``configs/deepspeed/zero{0,1,2,3}.yaml``; 0 = ZeRO off)."""
 
-    zero_stage: Literal[1, 2, 3] = 1
+    zero_stage: Literal[0, 1, 2, 3] = 1  # 0 = plain data parallel (whole parameters: LARS)
     grad_clip: float = 0.0  # max global grad norm; 0 = off (open_clip, ALBEF, MoCo, SimCLR do not clip)
     grad_accum: int = 1
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # run.dtype=bf16: gradient reduction dtype (DDP's is fp32)
