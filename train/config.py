@@ -78,6 +78,10 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range (open_clip's default)
     jitter_strength: float = 1.0  # colour jitter strength of the two-view presets (simclr, moco_v2)
     draft: bool = True  # decode JPEGs at reduced scale when they are larger than the crop
+    # Several captions per image (COCO-style shards, one tar sample per pair): the key of each sample's
+    # .json that names its image, so that pairs of one image are never each other's negatives (CLIP, ALBEF
+    # ITC and ITM). "" = every pair is its own image (its __key__). A sample without it is skipped, counted.
+    image_id_key: str = ""
 
     def validate(self) -> None:
         if not self.path and not self.sources:
