@@ -76,6 +76,11 @@ class DataConfig:
     transform: str = "clip_train"  # a name in train.data.TRANSFORMS
     text: bool = True  # read and tokenize captions
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range (open_clip's default)
+    # clip_train after the crop (ALBEF pretrains with both): a random horizontal flip, and RandAugment's
+    # randaugment_ops ops of ALBEF's set at randaugment_magnitude (of 10); 0 ops = off.
+    hflip: bool = False
+    randaugment_ops: int = 0
+    randaugment_magnitude: int = 7
     jitter_strength: float = 1.0  # colour jitter strength of the two-view presets (simclr, moco_v2)
     draft: bool = True  # decode JPEGs at reduced scale when they are larger than the crop
     # Several captions per image (COCO-style shards, one tar sample per pair): the key of each sample's
@@ -90,6 +95,8 @@ class DataConfig:
             raise ValueError("data.sources mixes weighted sources and needs data.resampled: true")
         if self.batch_size < 1 or self.workers < 0:
             raise ValueError("data.batch_size must be >= 1 and data.workers >= 0")
+        if self.randaugment_ops < 0 or not 0 <= self.randaugment_magnitude <= 10:
+            raise ValueError("data.randaugment_ops must be >= 0 and data.randaugment_magnitude in [0, 10]")
 
 
 @dataclasses.dataclass(kw_only=True)
