@@ -1,10 +1,11 @@
 """Run under torchrun (2 ranks): LARS through the real DeepSpeed engine with ZeRO disabled (stage 0).
 
 argv: OUT_DIR MODE. MODE "train" (2 ranks): in fp32, then in bf16 (DeepSpeed's autocast), each rank
-trains a small MLP on its half of a fixed global batch; rank 0 writes ``lars_{fp32,bf16}.json``: per step the loss, the largest gap between the parameters' step and
-LARS's formula applied to the gradient the engine reduced, and the same gap for plain momentum SGD
-(no trust ratio); for the first step also the gap between that gradient and the full-batch
-gradient of one process; and whether the checkpoint's consolidated weights equal the parameters.
+trains a small MLP on its half of a fixed global batch; rank 0 writes ``lars_{fp32,bf16}.json``: per
+step the loss, the largest gap between the parameters' step and LARS's formula applied to the
+gradient the engine reduced, and the same gap for plain momentum SGD (no trust ratio); for the first
+step also the gap between that gradient and the full-batch gradient of one process; and whether the
+checkpoint's consolidated weights equal the parameters.
 MODE "resume" (1 process): loads the fp32 checkpoint and writes ``resume.json``.
 """
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from train import parallel
-from train.checkpoint import write_weights, read_weights
+from train.checkpoint import read_weights, write_weights
 from train.config import OptimConfig, ParallelConfig, RunConfig
 from train.optim import build_optimizer
 
@@ -33,14 +34,13 @@ class Regression(nn.Module):
 
 
 def lars_step(p, grad, velocity, weight_decay, trust_ratio=True):
-    """The step LARS takes for ``p`` (returns it and the new velocity), written out from its paper."""
+    """The new velocity, which is the step LARS takes for ``p`` (SimCLR's form: lr inside the velocity)."""
     update = grad
     if p.ndim > 1:
         update = grad + weight_decay * p
         if trust_ratio:
             update = OPTIM.trust_coefficient * p.norm() / update.norm() * update
-    velocity = OPTIM.momentum * velocity + OPTIM.lr * update
-    return velocity, velocity
+    return OPTIM.momentum * velocity + OPTIM.lr * update
 
 
 def engine_for(objective: nn.Module, dtype: str, world: int, out_dir: str):
@@ -75,8 +75,8 @@ def train(out_dir: str, dtype: str, rank: int, world: int) -> None:
         gaps, sgd_gaps = [], []
         for p in params:
             w, grad = before[id(p)]
-            step_lars, velocities[id(p)] = lars_step(w, grad, velocities[id(p)], decay[id(p)])
-            step_sgd, sgd_velocities[id(p)] = lars_step(w, grad, sgd_velocities[id(p)], decay[id(p)], False)
+            step_lars = velocities[id(p)] = lars_step(w, grad, velocities[id(p)], decay[id(p)])
+            step_sgd = sgd_velocities[id(p)] = lars_step(w, grad, sgd_velocities[id(p)], decay[id(p)], False)
             gaps.append(float((w - p.detach() - step_lars).abs().max() / step_lars.abs().max()))
             sgd_gaps.append(float((w - p.detach() - step_sgd).abs().max() / step_sgd.abs().max()))
         lars_gap.append(max(gaps))
