@@ -173,7 +173,7 @@ def partitioned(folder: str, tag: str) -> bool:
     """Whether checkpoint ``folder/tag`` holds ZeRO partitions. Without ZeRO (stage 0) it holds whole
     parameters and optimizer state, which load on any world size as they are."""
     fs, root = fsspec.core.url_to_fs(f"{folder}/{tag}")
-    return bool(fs.glob(f"{root}/zero_pp_rank_*"))
+    return bool(fs.glob(f"{root}/*zero_pp_rank_*"))  # bf16_zero_pp_rank_* under DeepSpeed's bf16 optimizer
 
 
 def local_shard(p: torch.Tensor) -> torch.Tensor:
