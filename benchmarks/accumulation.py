@@ -36,7 +36,8 @@ def run(cfg, micro: int, accum: int, steps: int) -> dict:
     contract, g = model.contract, torch.Generator().manual_seed(0)
     batches = [{"image": torch.randn(micro, 3, contract.image_size, contract.image_size, generator=g),
                 "input_ids": torch.randint(1, 400, (micro, contract.context_length), generator=g),
-                "attention_mask": torch.ones(micro, contract.context_length, dtype=torch.long)} for _ in range(accum)]
+                "attention_mask": torch.ones(micro, contract.context_length, dtype=torch.long),
+                "image_id": torch.arange(micro) + i * micro} for i in range(accum)]
     step = accumulate_features if accum > 1 else accumulate
     step(engine, objective, batches)  # warm-up
     times, peaks = [], []

@@ -48,7 +48,7 @@ def reference_forward(objective, batch: dict[str, torch.Tensor]) -> torch.Tensor
         t2i_targets = alpha * F.softmax(text_feat_m @ image_all.T / temp, 1) + (1 - alpha) * targets
     sim_i2t, sim_t2i = image_feat @ text_all.T / temp, text_feat @ image_all.T / temp
     itc = (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
-    objective.queue.enqueue(image=image_feat_m, text=text_feat_m, id=batch["sample_id"])
+    objective.queue.enqueue(image=image_feat_m, text=text_feat_m, id=batch["image_id"])
 
     bs = len(ids)
     with torch.no_grad():
@@ -96,7 +96,7 @@ def measure(side: str, args: argparse.Namespace, results) -> None:
     size = model.contract.image_size
     captions = [f"a photo of a {w} number {i}" for i, w in enumerate(["bag", "coat", "sneaker", "shirt"] * args.batch)]
     batch = {"image": torch.randn(args.batch, 3, size, size, generator=generator),
-             "sample_id": torch.arange(args.batch), **build_tokenizer(model.contract)(captions[:args.batch])}
+             "image_id": torch.arange(args.batch), **build_tokenizer(model.contract)(captions[:args.batch])}
     batch = {k: v.to(device) for k, v in batch.items()}
 
     def step() -> None:

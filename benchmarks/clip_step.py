@@ -61,7 +61,7 @@ def make_batch(size: int) -> dict:
 
     g = torch.Generator().manual_seed(0)
     tokens = build(DataContract())([f"a photo of thing number {i}" for i in range(size)])
-    return {"image": torch.randn(size, 3, 224, 224, generator=g), **tokens}
+    return {"image": torch.randn(size, 3, 224, 224, generator=g), "image_id": torch.arange(size), **tokens}
 
 
 def main() -> None:

@@ -111,13 +111,14 @@ def measure(step: Callable[[], None], forward_backward: Callable[[], None], batc
 
 
 def make_batch(contract, batch: int, device: torch.device) -> dict:
-    """Random uint8 images (what our workers send) and tokenized captions, on the device."""
+    """Random uint8 images (what our workers send), tokenized captions and one image id per pair, on the device."""
     from train.tokenizers import build
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, contract.image_size, contract.image_size), dtype=torch.uint8, generator=g)
     tokens = build(contract)([f"a photo of thing number {i} on a table" for i in range(batch)])
-    return {k: v.to(device) for k, v in {"image": images, **tokens}.items()}
+    ids = torch.arange(batch)
+    return {k: v.to(device) for k, v in {"image": images, "image_id": ids, **tokens}.items()}
 
 
 def optimizer_step(forward_backward, optimizer, objective):
@@ -232,7 +233,6 @@ def albef_row(args, device: torch.device, peak: float | None) -> dict:
     objective.check(args.albef_batch, 1)
     optimizer = build_optimizer(objective, OptimConfig(weight_decay=0.02), device, objective.no_weight_decay())
     batch = make_batch(model.contract, args.albef_batch, device)
-    batch["sample_id"] = torch.arange(args.albef_batch, device=device)
     steps = iter(range(10**9))
 
     def forward_backward():

@@ -23,7 +23,7 @@ import torch
 from pipeline.core import config as config_io
 from pipeline.core.io import atomic_write, exists
 from pipeline.core.log import get_logger
-from train.parallel import barrier, consolidated_state_dict, to_universal
+from train.parallel import barrier, consolidated_state_dict, partitioned, to_universal
 
 log = get_logger(__name__)
 WEIGHTS = "model.safetensors"
@@ -117,21 +117,23 @@ class Checkpointer:
         """Restore the engine; returns this rank's trainer state (its ``rng`` is for :func:`set_rng_state`)
         and, when the checkpoint is of another world size, every saved rank's data state (else None).
 
-        Another world size loads DeepSpeed's universal form of the checkpoint (the engine was built
-        with ``load_universal``): model, fp32 master weights and optimizer state re-partitioned."""
+        Another world size loads DeepSpeed's universal form of a ZeRO checkpoint (the engine was built
+        with ``load_universal``): model, fp32 master weights and optimizer state re-partitioned; a
+        checkpoint without ZeRO (stage 0) is whole and loads as it is."""
         saved = saved_world(folder, tag)
+        load_tag = tag
+        if saved != world and partitioned(folder, tag):
+            if self.rank == 0:
+                log.warning("%s/%s was written by %d ranks, this run has %d: converting it to DeepSpeed's universal "
+                            "checkpoint", folder, tag, saved, world)
+                to_universal(folder, tag)
+            barrier()
+            load_tag = f"{tag}_universal"
+        engine.load_checkpoint(folder, tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=False)
         if saved == world:
-            engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
             state = _read_state(folder, tag, self.rank)
             log.info("resumed from %s/%s at step %d", folder, tag, state["step"])
             return state, None
-        if self.rank == 0:
-            log.warning("%s/%s was written by %d ranks, this run has %d: converting it to DeepSpeed's universal "
-                        "checkpoint", folder, tag, saved, world)
-            to_universal(folder, tag)
-        barrier()
-        engine.load_checkpoint(folder, tag=f"{tag}_universal", load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
         states = [_read_state(folder, tag, rank) for rank in range(saved)]
         # RNG streams stay per rank where the rank existed; the metrics accumulated since the last
         # record were per-rank means of another world: the next record starts afresh.

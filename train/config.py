@@ -76,8 +76,17 @@ class DataConfig:
     transform: str = "clip_train"  # a name in train.data.TRANSFORMS
     text: bool = True  # read and tokenize captions
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range (open_clip's default)
+    # clip_train after the crop (ALBEF pretrains with both): a random horizontal flip, and RandAugment's
+    # randaugment_ops ops of ALBEF's set at randaugment_magnitude (of 10); 0 ops = off.
+    hflip: bool = False
+    randaugment_ops: int = 0
+    randaugment_magnitude: int = 7
     jitter_strength: float = 1.0  # colour jitter strength of the two-view presets (simclr, moco_v2)
     draft: bool = True  # decode JPEGs at reduced scale when they are larger than the crop
+    # Several captions per image (COCO-style shards, one tar sample per pair): the key of each sample's
+    # .json that names its image, so that pairs of one image are never each other's negatives (CLIP, ALBEF
+    # ITC and ITM). "" = every pair is its own image (its __key__). A sample without it is skipped, counted.
+    image_id_key: str = ""
 
     def validate(self) -> None:
         if not self.path and not self.sources:
@@ -86,6 +95,8 @@ class DataConfig:
             raise ValueError("data.sources mixes weighted sources and needs data.resampled: true")
         if self.batch_size < 1 or self.workers < 0:
             raise ValueError("data.batch_size must be >= 1 and data.workers >= 0")
+        if self.randaugment_ops < 0 or not 0 <= self.randaugment_magnitude <= 10:
+            raise ValueError("data.randaugment_ops must be >= 0 and data.randaugment_magnitude in [0, 10]")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -107,9 +118,9 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class ParallelConfig:
-    """DeepSpeed settings (``configs/deepspeed/zero{1,2,3}.yaml``)."""
+    """DeepSpeed settings (``configs/deepspeed/zero{0,1,2,3}.yaml``; 0 = ZeRO off)."""
 
-    zero_stage: Literal[1, 2, 3] = 1
+    zero_stage: Literal[0, 1, 2, 3] = 1  # 0 = plain data parallel (whole parameters: LARS)
     grad_clip: float = 0.0  # max global grad norm; 0 = off (open_clip, ALBEF, MoCo, SimCLR do not clip)
     grad_accum: int = 1
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # run.dtype=bf16: gradient reduction dtype (DDP's is fp32)

@@ -4,7 +4,7 @@ One worker's stream is a ``webdataset.DataPipeline`` of small generator stages::
 
     shard_order    {"url"} in an order seeded by (seed, epoch, pass), split by node then worker
     url_opener, tar_file_expander, group_by_keys     (webdataset) -> raw samples {"__key__", "jpg", "txt"}
-    complete       drop (and count) samples without an image or a needed caption
+    complete       drop (and count) samples without an image, a needed caption or a configured image id
     shuffle        sample buffer seeded by (seed, epoch, stream)
     skip           resume: drop the samples this stream consumed before the checkpoint, undecoded
     decode         PIL (JPEG draft mode when larger than needed) + the named transform, seeded per sample
@@ -30,6 +30,7 @@ import copy
 import hashlib
 import io
 import itertools
+import json
 import math
 import multiprocessing
 import random
@@ -81,7 +82,8 @@ def _seed(*parts: int) -> int:
 
 # Every reason a sample can be skipped, in a fixed order: the metrics reduce one count per reason
 # over the ranks, and a collective must have the same shape on every rank whatever its data was.
-SKIP_REASONS = ("truncated_tar", "missing_image", "missing_caption", "decode_bomb", "corrupt_image")
+SKIP_REASONS = ("truncated_tar", "missing_image", "missing_caption", "missing_image_id", "decode_bomb",
+                "corrupt_image")
 
 
 class SkipCounter:
@@ -141,15 +143,31 @@ def expand(sources: Iterator[dict], counter: SkipCounter) -> Iterator[dict]:
             source["stream"].close()
 
 
-def complete(samples: Iterator[dict], counter: SkipCounter, text: bool) -> Iterator[dict]:
-    """Samples with an image (and a caption when needed); others are counted."""
+def image_key(sample: dict, image_id_key: str) -> str | None:
+    """What names the sample's image: its .json's ``image_id_key`` field, or with no key set the
+    sample's own ``__key__`` (one caption per image); None when the .json lacks the field."""
+    if not image_id_key:
+        return sample["__key__"]
+    try:
+        value = json.loads(sample["json"]).get(image_id_key) if "json" in sample else None
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        return None
+    return None if value is None else str(value)
+
+
+def complete(samples: Iterator[dict], counter: SkipCounter, text: bool, image_id_key: str) -> Iterator[dict]:
+    """Samples with an image (a caption when needed, an image id when configured), ``__image__`` set to
+    what names the image; others are counted."""
     for sample in samples:
         counter.read += 1
         if not any(ext in sample for ext in IMAGE_EXTENSIONS):
             counter.skip("missing_image")
         elif text and "txt" not in sample:
             counter.skip("missing_caption")
+        elif (image := image_key(sample, image_id_key)) is None:
+            counter.skip("missing_image_id")
         else:
+            sample["__image__"] = image
             yield sample
 
 
@@ -190,7 +208,7 @@ def decode_image(data: bytes, draft_size: int) -> Image.Image:
 
 def decode(samples: Iterator[dict], transform: Callable, counter: SkipCounter, text: bool, draft_size: int,
            seed: int) -> Iterator[dict]:
-    """Raw sample -> {"image" | views..., "caption", "sample_id", "__position__"}; bad ones are counted."""
+    """Raw sample -> {"image" | views..., "caption", "sample_id", "image_id", "__position__"}; bad ones are counted."""
     for sample in samples:
         data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
         try:
@@ -206,7 +224,8 @@ def decode(samples: Iterator[dict], transform: Callable, counter: SkipCounter, t
         out = transform(image)
         if text:
             out["caption"] = sample["txt"].decode("utf-8", errors="replace").strip()
-        out["sample_id"] = sample_id(sample["__key__"])
+        out["sample_id"] = sample_id(sample["__key__"])  # the pair
+        out["image_id"] = sample_id(sample["__image__"])  # its image, shared by every caption of it
         out["__position__"] = sample["__position__"]
         yield out
 
@@ -219,7 +238,8 @@ def batch(samples: Iterator[dict], size: int, tokenize: Callable | None, counter
             return
         out = {key: torch.stack([s[key] for s in chunk]) for key, value in chunk[0].items()
                if isinstance(value, torch.Tensor)}
-        out["sample_id"] = torch.tensor([s["sample_id"] for s in chunk], dtype=torch.int64)
+        for key in ("sample_id", "image_id"):
+            out[key] = torch.tensor([s[key] for s in chunk], dtype=torch.int64)
         if tokenize is not None:
             out.update(tokenize([s["caption"] for s in chunk]))
         out["__stream__"], out["__position__"] = stream, chunk[-1]["__position__"]
@@ -311,7 +331,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             wds.tariterators.url_opener,  # an unreadable URL is a configuration error: it raises
             partial(expand, counter=counter),
             wds.tariterators.group_by_keys,
-            partial(complete, counter=counter, text=cfg.text),
+            partial(complete, counter=counter, text=cfg.text, image_id_key=cfg.image_id_key),
             partial(shuffle, size=cfg.shuffle_buffer, rng=random.Random(stream_seed)),
             partial(skip, count=position, counter=counter),
             partial(number, start=position),

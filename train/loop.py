@@ -96,7 +96,7 @@ class Trainer:
         self.resume_from = self.resume_target()
         other_world = self.resume_from is not None and checkpoint.saved_world(*self.resume_from) != self.dist.world
         ds_config = parallel.deepspeed_config(cfg.parallel, cfg.run, cfg.data.batch_size, self.dist.world,
-                                              load_universal=other_world)
+                                              load_universal=other_world and parallel.partitioned(*self.resume_from))
         self.engine = parallel.wrap(self.objective, self.optimizer, ds_config, cfg.parallel.activation_checkpointing)
         if self.dist.is_main:
             os.makedirs(run_dir, exist_ok=True)

@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 
+import fsspec
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -168,6 +169,13 @@ def to_universal(folder: str, tag: str) -> str:
     return out
 
 
+def partitioned(folder: str, tag: str) -> bool:
+    """Whether checkpoint ``folder/tag`` holds ZeRO partitions. Without ZeRO (stage 0) it holds whole
+    parameters and optimizer state, which load on any world size as they are."""
+    fs, root = fsspec.core.url_to_fs(f"{folder}/{tag}")
+    return bool(fs.glob(f"{root}/*zero_pp_rank_*"))  # bf16_zero_pp_rank_* under DeepSpeed's bf16 optimizer
+
+
 def local_shard(p: torch.Tensor) -> torch.Tensor:
     """The data of ``p`` held by this rank (its ZeRO-3 partition, else the whole tensor)."""
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
@@ -214,6 +222,9 @@ def consolidated_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Te
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if not partitioned(checkpoint_dir, tag):  # the module's weights (fp32 under autocast) are whole
+        return torch.load(f"{checkpoint_dir}/{tag}/mp_rank_00_model_states.pt", map_location="cpu",
+                          weights_only=False)["module"]
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
 
 

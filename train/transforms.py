@@ -2,7 +2,8 @@
 
 Each entry of :data:`TRANSFORMS` is a builder ``(data config, contract) -> image -> dict``:
 
-- ``clip_train``: random resized crop (area ``data.crop_scale``) -> ``{"image"}``.
+- ``clip_train``: random resized crop (area ``data.crop_scale``), optionally (``data.hflip``,
+  ``data.randaugment_ops``) a horizontal flip and RandAugment of ALBEF's ops -> ``{"image"}``.
 - ``eval``: resize and centre crop -> ``{"image"}`` (evaluation and curation scoring).
 - ``simclr``, ``moco_v2``: two views -> ``{"view1", "view2"}``: independent draws of random
   resized crop (SimCLR 0.08-1, MoCo v2 0.2-1), flip, colour jitter (p = 0.8, strength
@@ -68,10 +69,27 @@ class RandomResizedCrop:
         return image.resize((self.size, self.size), self.resample, box=box)
 
 
+class ALBEFRandAugment(T.RandAugment):
+    """RandAugment over the operations of ALBEF's pretraining transform (its ``RandomAugment(2, 7, augs=...)``):
+    torchvision's space without Color, Contrast, Posterize and Solarize. torchvision applies each drawn op
+    (ALBEF: each with p = 0.5) on a magnitude scale of 11 bins, 0-10 as ALBEF's."""
+
+    _AUGMENTATION_SPACE = {name: op for name, op in T.RandAugment._AUGMENTATION_SPACE.items()
+                           if name not in ("Color", "Contrast", "Posterize", "Solarize")}
+
+
 @TRANSFORMS.register("clip_train")
 def clip_train(cfg: DataConfig, contract: DataContract) -> Transform:
-    crop = RandomResizedCrop(contract.image_size, cfg.crop_scale, contract.interpolation)
-    transform = T.Compose([crop, T.PILToTensor()])
+    # The flip leaves captions as they are ("left" stays "left"), as ALBEF's and BLIP's pretraining do: a
+    # text-aware flip would rewrite captions, which the loader tokenizes after the image transform.
+    steps = [RandomResizedCrop(contract.image_size, cfg.crop_scale, contract.interpolation), T.PILToTensor()]
+    if cfg.hflip:
+        steps.append(T.RandomHorizontalFlip())
+    if cfg.randaugment_ops:
+        # Bilinear shears and rotations: torchvision has no bicubic affine for uint8 tensors
+        steps.append(ALBEFRandAugment(cfg.randaugment_ops, cfg.randaugment_magnitude, num_magnitude_bins=11,
+                                      interpolation=T.InterpolationMode.BILINEAR))
+    transform = T.Compose(steps)
     return lambda image: {"image": transform(image)}  # uint8 (3, H, W)
 
 

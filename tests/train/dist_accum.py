@@ -29,12 +29,13 @@ CONFIGS = {
 def batches(name: str, rank: int, contract) -> list[dict]:
     g = torch.Generator().manual_seed(100 + rank)
     out = []
-    for _ in range(K):
+    for i in range(K):
         size = contract.image_size
         if name == "clip":
             out.append({"image": torch.randn(B, 3, size, size, generator=g),
                         "input_ids": torch.randint(1, 400, (B, contract.context_length), generator=g),
-                        "attention_mask": torch.ones(B, contract.context_length, dtype=torch.long)})
+                        "attention_mask": torch.ones(B, contract.context_length, dtype=torch.long),
+                        "image_id": torch.arange(B) + (rank * K + i) * B})  # every pair its own image
         else:
             out.append({f"view{v}": torch.randn(B, 3, size, size, generator=g) for v in (1, 2)})
     return out

@@ -1,6 +1,7 @@
 """Run under torchrun (2 ranks): CLIP loss and gradients vs one process on the global batch.
 
-Writes ``{"dense": {...}, "chunked": {...}}`` of max abs differences to argv[1] (rank 0).
+Writes ``{"dense": {...}, "chunked": {...}, "dense_ids": ..., "chunked_ids": ...}`` of max abs differences
+to argv[1] (rank 0); the ``_ids`` forms give 5 captions per image, image 1's pairs on both ranks.
 With argv[2] == "reduce_scatter" the gather's backward takes its NCCL path (reduce-scatter),
 run here by gloo's own reduce_scatter since NCCL needs GPUs; the calls are counted.
 The single-process reference is computed before the process group exists, so the same
@@ -18,6 +19,8 @@ import train.gather
 from train.objectives.clip import clip_loss
 
 GLOBAL_BATCH, DIM, CHUNK = 16, 8, 3  # chunk 3 leaves ragged blocks on purpose
+IMAGE_ID = torch.arange(GLOBAL_BATCH) // 5  # rank 0 holds pairs 0-7, rank 1 pairs 8-15
+FORMS = {"dense": (0, False), "chunked": (CHUNK, False), "dense_ids": (0, True), "chunked_ids": (CHUNK, True)}
 
 
 def inputs():
@@ -27,9 +30,9 @@ def inputs():
     return image, text, torch.tensor([2.0], dtype=torch.float64)
 
 
-def loss_and_grads(image, text, log_scale, chunk):
+def loss_and_grads(image, text, log_scale, chunk, image_id=None):
     image, text, log_scale = (t.clone().requires_grad_(True) for t in (image, text, log_scale))
-    loss = clip_loss(image, text, log_scale, chunk)
+    loss = clip_loss(image, text, log_scale, chunk, image_id)
     loss.backward()
     return loss.detach(), image.grad, text.grad, log_scale.grad
 
@@ -41,20 +44,22 @@ def main(out_path: str, backward: str) -> None:
         reduce_scatter = dist.reduce_scatter_single
         dist.reduce_scatter_single = lambda *args, **kwargs: calls.append(1) or reduce_scatter(*args, **kwargs)
     image, text, log_scale = inputs()
-    reference = {chunk: loss_and_grads(image, text, log_scale, chunk) for chunk in (0, CHUNK)}
+    reference = {name: loss_and_grads(image, text, log_scale, chunk, IMAGE_ID if ids else None)
+                 for name, (chunk, ids) in FORMS.items()}
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     b = GLOBAL_BATCH // world
     local = slice(rank * b, (rank + 1) * b)
     result = {}
-    for name, chunk in (("dense", 0), ("chunked", CHUNK)):
-        loss, d_image, d_text, d_scale = loss_and_grads(image[local], text[local], log_scale, chunk)
+    for name, (chunk, ids) in FORMS.items():
+        loss, d_image, d_text, d_scale = loss_and_grads(image[local], text[local], log_scale, chunk,
+                                                        IMAGE_ID[local] if ids else None)
         # Data parallelism averages parameter gradients over ranks: do the same here.
         for t in (loss, d_scale):
             dist.all_reduce(t)
             t /= world
         d_image, d_text = d_image / world, d_text / world
-        ref_loss, ref_image, ref_text, ref_scale = reference[chunk]
+        ref_loss, ref_image, ref_text, ref_scale = reference[name]
         diffs = torch.tensor([(loss - ref_loss).abs().max(), (d_image - ref_image[local]).abs().max(),
                               (d_text - ref_text[local]).abs().max(), (d_scale - ref_scale).abs().max()])
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)

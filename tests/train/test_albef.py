@@ -23,7 +23,7 @@ def albef(variant: str = "albef_tiny", **objective):
 
 def batch_of(model, n: int = 4) -> dict[str, torch.Tensor]:
     tokens = build_tokenizer(model.contract)(CAPTIONS[:n])
-    return {"image": torch.randn(n, 3, 32, 32), "sample_id": torch.arange(n), **tokens}
+    return {"image": torch.randn(n, 3, 32, 32), "image_id": torch.arange(n), **tokens}
 
 
 def test_text_layers_load_bert_and_reproduce_it():

@@ -31,13 +31,13 @@ def worker(out_dir: str) -> None:
     expected = []
     for step in range(STEPS):
         images = torch.randn(LOCAL_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(10 * step + rank))
-        sample_id = torch.arange(LOCAL_BATCH) + step * WORLD * LOCAL_BATCH + rank * LOCAL_BATCH
+        image_id = torch.arange(LOCAL_BATCH) + step * WORLD * LOCAL_BATCH + rank * LOCAL_BATCH
         teacher = objective.momentum["model"]
         with torch.no_grad():  # the keys this step must enqueue: this rank's momentum features
-            expected.append({"image": teacher.encode_image(images), "id": sample_id,
+            expected.append({"image": teacher.encode_image(images), "id": image_id,
                              "text": teacher.encode_text(tokens["input_ids"], tokens["attention_mask"])})
         objective.start_step(step, steps_per_epoch=10)
-        objective({"image": images, "sample_id": sample_id, **tokens})["loss"].backward()
+        objective({"image": images, "image_id": image_id, **tokens})["loss"].backward()
         for p in objective.parameters():  # data parallelism: average gradients over ranks
             if p.grad is not None:
                 torch.distributed.all_reduce(p.grad)

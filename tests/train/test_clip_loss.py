@@ -40,8 +40,9 @@ def test_two_ranks_equal_single_process_on_global_batch(tmp_path, torchrun, back
     proc = torchrun(["tests/train/dist_clip_loss.py", str(out), backward])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    for form in ("dense", "chunked"):
+    for form in ("dense", "chunked", "dense_ids", "chunked_ids"):  # _ids: 5 captions per image, across ranks
         for key in ("loss", "grad_image", "grad_text", "grad_logit_scale"):
             assert result[form][key] < 1e-5, (form, key, result[form][key])
     assert result["dense_vs_chunked_loss"] < 1e-5
+    assert abs(result["dense_ids"]["loss_value"] - result["dense"]["loss_value"]) > 1e-3  # the ids matter
     assert (result["reduce_scatter_calls"] > 0) == (backward == "reduce_scatter")

@@ -19,13 +19,21 @@ from train.models.towers import timm_tower
 from train.registry import MODELS
 
 
-def projection_head(in_dim: int, hidden_dim: int, out_dim: int, layers: int) -> nn.Sequential:
-    """``layers`` linear layers with ReLU between (MoCo v2 and SimCLR v1: 2; SimCLR v2: 3)."""
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int, layers: int, batch_norm: bool) -> nn.Sequential:
+    """``layers`` linear layers with ReLU between (MoCo v2 and SimCLR v1: 2; SimCLR v2: 3).
+
+    ``batch_norm`` (SimCLR's ``use_bn``): BatchNorm after every linear layer, whose bias it makes
+    redundant; the last one without the affine shift and scale (SimCLR keeps the scale there, but torch's
+    BatchNorm1d has both or neither, and the loss normalises the projection anyway).
+    """
     dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
     blocks: list[nn.Module] = []
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-        blocks.append(nn.Linear(d_in, d_out))
-        if i < layers - 1:
+        last = i == layers - 1
+        blocks.append(nn.Linear(d_in, d_out, bias=not batch_norm))
+        if batch_norm:
+            blocks.append(nn.BatchNorm1d(d_out, affine=not last))
+        if not last:
             blocks.append(nn.ReLU(inplace=True))
     return nn.Sequential(*blocks)
 
@@ -42,7 +50,8 @@ class SSLEncoder(nn.Module):
         head_hidden_dim: int = 2048
         head_dim: int = 128
         head_layers: int = 2
-        sync_bn: bool = False  # BatchNorm statistics over the global batch (SimCLR's global BN)
+        head_bn: bool = False  # BatchNorm in the projection head (SimCLR v1/v2's use_bn; MoCo v2 has none)
+        sync_bn: bool = False  # BatchNorm statistics over the global batch (SimCLR's global BN), head included
 
         def validate(self) -> None:
             if self.head_layers < 1:
@@ -51,9 +60,11 @@ class SSLEncoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.backbone = timm_tower(cfg.backbone, cfg.backbone_args, cfg.pretrained_path)
+        self.head = projection_head(self.backbone.num_features, cfg.head_hidden_dim, cfg.head_dim, cfg.head_layers,
+                                    cfg.head_bn)
         if cfg.sync_bn:
             convert_global_batchnorm(self.backbone)
-        self.head = projection_head(self.backbone.num_features, cfg.head_hidden_dim, cfg.head_dim, cfg.head_layers)
+            convert_global_batchnorm(self.head)
         self.head_dim = cfg.head_dim
         pretrained = self.backbone.pretrained_cfg
         self.contract = DataContract(

@@ -1,10 +1,11 @@
 """ALBEF's objective (Li et al. 2021): ITC + ITM + MLM with momentum distillation.
 
 - ITC: student features against the momentum features of the batch plus the queues; targets
-  mix the momentum model's softmax with the pairs (any key with the same ``sample_id`` is a
-  positive) by ``alpha``, which ramps up over the first epoch.
+  mix the momentum model's softmax with the pairs (any key with the same ``image_id`` is a
+  positive: captions of one image are never each other's negatives) by ``alpha``, which ramps
+  up over the first epoch.
 - ITM: one hard negative text per image and one hard negative image per text, drawn from the
-  contrastive softmax with every same-id candidate excluded, for the whole batch in one
+  contrastive softmax with every candidate of the same image excluded, for the whole batch in one
   vectorised Gumbel-max draw (the reference loops over samples with a host sync each).
   Candidates come from the global batch (BLIP), gathered with gradient so the owner rank's
   encoders learn from them, or from the local batch (ALBEF) with ``itm_negatives: local``.
@@ -117,7 +118,7 @@ class ALBEFObjective(nn.Module, Objective):
         return {"temperature"}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images, ids, mask, sample_id = batch["image"], batch["input_ids"], batch["attention_mask"], batch["sample_id"]
+        images, ids, mask, image_id = batch["image"], batch["input_ids"], batch["attention_mask"], batch["image_id"]
         temperature = self.temperature.float()  # within bounds: end_step clamps the optimizer's copy
         image_tokens, text_tokens = self.model.image_tokens(images), self.model.text_tokens(ids, mask)
         image_feat, text_feat = self.model.image_embedding(image_tokens), self.model.text_embedding(text_tokens)
@@ -126,25 +127,25 @@ class ALBEFObjective(nn.Module, Objective):
             teacher_image_tokens = teacher.image_tokens(images)
             image_feat_m = teacher.image_embedding(teacher_image_tokens)  # (b, D)
             text_feat_m = teacher.text_embedding(teacher.text_tokens(ids, mask))
-        itc = self.contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m, sample_id, temperature)
+        itc = self.contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_id, temperature)
         # A function of the step, not of the global RNG: a resumed run draws exactly the same.
         rank, world_size = world()
         generator = torch.Generator(ids.device).manual_seed((self.cfg.seed * 1_000_003 + self.step) * world_size + rank)
-        itm = self.matching_loss(image_tokens, text_tokens, mask, image_feat, text_feat, sample_id, temperature,
+        itm = self.matching_loss(image_tokens, text_tokens, mask, image_feat, text_feat, image_id, temperature,
                                  generator)
         mlm = self.masked_lm_loss(ids, mask, image_tokens, teacher_image_tokens, generator)
         if self.training:
-            self.queue.enqueue(image=image_feat_m, text=text_feat_m, id=sample_id)
+            self.queue.enqueue(image=image_feat_m, text=text_feat_m, id=image_id)
         return {"loss": itc + itm + mlm, "itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach(),
                 "temperature": temperature.detach()[0], "alpha": torch.tensor(self.alpha, device=itc.device)}
 
     @full_precision
-    def contrastive_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, sample_id, temperature):
+    def contrastive_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, image_id, temperature):
         """ITC of the student (b, D) against [batch momentum keys; queue] (b + K, D)."""
         with torch.no_grad():
             image_keys = torch.cat([image_feat_m, self.queue.get("image").clone()]).float()  # (b + K, D)
             text_keys = torch.cat([text_feat_m, self.queue.get("text").clone()]).float()
-            positives = (sample_id[:, None] == torch.cat([sample_id, self.queue.get("id").clone()])[None]).float()
+            positives = (image_id[:, None] == torch.cat([image_id, self.queue.get("id").clone()])[None]).float()
             pairs = positives / positives.sum(1, keepdim=True)  # (b, b + K), rows sum to 1
             image_targets = self.alpha * F.softmax(image_feat_m.float() @ text_keys.T / temperature, 1)
             text_targets = self.alpha * F.softmax(text_feat_m.float() @ image_keys.T / temperature, 1)
@@ -154,12 +155,12 @@ class ALBEFObjective(nn.Module, Objective):
                                            text_targets + (1 - self.alpha) * pairs)
         return (image_to_text + text_to_image) / 2
 
-    def matching_loss(self, image_tokens, text_tokens, mask, image_feat, text_feat, sample_id, temperature, generator):
+    def matching_loss(self, image_tokens, text_tokens, mask, image_feat, text_feat, image_id, temperature, generator):
         """ITM on b positives, b (image, hard negative text) and b (hard negative image, text) pairs."""
         gather, gather_ids = ((all_gather_with_grad, all_gather_no_grad) if self.cfg.itm_negatives == "global"
                               else (nn.Identity(), nn.Identity()))
         with torch.no_grad():
-            same_id = sample_id[:, None] == gather_ids(sample_id)[None]  # (b, N), includes the positive
+            same_id = image_id[:, None] == gather_ids(image_id)[None]  # (b, N), includes the positive
             text_index, image_has = hard_negatives(image_feat @ gather_ids(text_feat.detach()).T / temperature, same_id,
                                                    generator)
             image_index, text_has = hard_negatives(text_feat @ gather_ids(image_feat.detach()).T / temperature, same_id,

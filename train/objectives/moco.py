@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.core.config import ConfigError
 from train.gather import all_gather_no_grad, world
 from train.momentum import Momentum
 from train.objective import Objective
@@ -84,6 +85,10 @@ class MoCo(nn.Module, Objective):
 
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__()
+        if cfg.shuffle_bn and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+            # Global statistics span every rank's keys whatever the shuffle: it would hide nothing.
+            raise ConfigError("objective.shuffle_bn and model.sync_bn are both on, which defeats the shuffle "
+                              "(BatchNorm statistics span all ranks): set model.sync_bn=false for MoCo's shuffle-BN")
         self.model = model
         self.key_encoder = Momentum(cfg.momentum, model=model)
         self.queue = FeatureQueue(cfg.queue_size, key=model.head_dim)
