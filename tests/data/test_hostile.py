@@ -40,8 +40,22 @@ def animated_gif() -> bytes:
     return out.getvalue()
 
 
+def corrupt_png() -> bytes:
+    data = bytearray(png())
+    start = data.find(b"IDAT") + 8
+    data[start:start + 8] = b"\xff" * 8  # the header parses, the pixel data does not inflate
+    return bytes(data)
+
+
+def solid_png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
 HUGE_GIF = b"GIF89a" + (65535).to_bytes(2, "little") * 2 + b"\x00\x00\x00" + b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
 IMAGE = png()
+REASON_IMAGES = {"/reasons/small.png": solid_png(8, 8), "/reasons/wide.png": solid_png(96, 16), "/reasons/corrupt.png": corrupt_png()}
 
 
 class Hostile(BaseHTTPRequestHandler):
@@ -53,6 +67,8 @@ class Hostile(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         path = urllib.parse.unquote(self.path)
         self.requests.append(path)
+        if path in REASON_IMAGES:
+            return self.reply(200, REASON_IMAGES[path], "image/png")
         if path.startswith("/img/") or path == "/busy" and self.requests.count(path) > 1:
             return self.reply(200, IMAGE, "image/png")
         if path.startswith("/chain/"):
@@ -228,3 +244,41 @@ def test_redirects_and_addresses_are_checked_before_any_connection(server):
         with pytest.raises(urllib.error.URLError, match="refused address .*loopback"):
             production.open(url, timeout=5)
     assert len(Hostile.requests) == before, "a refused request reached the server"
+
+
+# (url path, caption, trusted) -> (dropped_by, reason) under REASON_OVERRIDES; the uid column is given
+REASON_ROWS = [
+    ("/reasons/small.png", "a red square", True, ("basic", "too_small")),
+    ("/reasons/wide.png", "a red square", True, ("basic", "aspect_ratio")),
+    ("/reasons/corrupt.png", "a red square", True, ("basic", "corrupt_image")),
+    ("/img/r-short.png", "ab", True, ("basic", "short_caption")),
+    ("/img/r-one-word.png", "square", True, ("basic", "too_few_words")),
+    ("/img/r-blocked.png", "a FORBIDDEN square", True, ("basic", "blocked_word")),
+    ("/img/r-not-blocked.png", "a forbiddenly red square", True, KEPT),  # whole words only
+    ("/img/r-untrusted.png", "a red square", False, ("basic", "not_trusted")),
+    ("/img/r-bad-uid.png", "a red square", True, ("prepare", "invalid_uid")),
+    ("/img/r-first.png", "A red, red square!", True, KEPT),
+    ("/img/r-same-caption.png", "a red red  square", True, ("dedupe", "caption_dup")),  # normalised: the same caption
+    ("/img/r-other.png", "a blue square", True, KEPT),
+]
+REASON_OVERRIDES = ["download.timeout=5", "download.processes=1", "download.threads=8", "steps=[basic,dedupe]",
+                    "dedupe.levels=[rows,caption]", "basic.min_image_size=16", "basic.max_aspect_ratio=3.0",
+                    "basic.min_caption_chars=3", "basic.min_caption_words=2", "basic.blocklist=[forbidden]",
+                    "basic.require_true=[trusted]", "input.uid_col=key", "reshard.workers_per_gpu=1"]
+
+
+def test_each_filter_reason_is_produced_and_counted(server, tmp_path):
+    """Every basic-filter reason, a prepare invalid_uid and the caption dedupe level, each made on purpose by one row."""
+    base, _ = server
+    rows = [{"url": base + path, "caption": caption, "trusted": trusted, "key": "not-a-uid" if "bad-uid" in path else f"{i:032x}"}
+            for i, (path, caption, trusted, _) in enumerate(REASON_ROWS)]
+    (tmp_path / "urls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.load(build_shards.BuildConfig, config.CONFIG_ROOT / "data" / "default.yaml", REASON_OVERRIDES)
+    stats = build_shards.run(cfg, str(tmp_path / "out"), str(tmp_path / "urls.jsonl"))
+    manifest = {r["url"]: (r["dropped_by"], r["reason"]) for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
+    assert manifest == {base + path: verdict for path, _, _, verdict in REASON_ROWS}
+    counted: dict = {}
+    for *_, (step, reason) in REASON_ROWS:
+        if step:
+            counted.setdefault(step, {})[reason] = counted.get(step, {}).get(reason, 0) + 1
+    assert stats["dropped"] == counted and stats["kept"] == sum(v == KEPT for *_, v in REASON_ROWS)
