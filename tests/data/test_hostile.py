@@ -282,3 +282,40 @@ def test_each_filter_reason_is_produced_and_counted(server, tmp_path):
         if step:
             counted.setdefault(step, {})[reason] = counted.get(step, {}).get(reason, 0) + 1
     assert stats["dropped"] == counted and stats["kept"] == sum(v == KEPT for *_, v in REASON_ROWS)
+
+
+@pytest.mark.parametrize("overrides, count", [
+    (["reshard.min_shards=5"], 5),  # min_shards wins
+    (["reshard.nodes=2", "reshard.gpus_per_node=2", "reshard.workers_per_gpu=2"], 8),  # every reader gets a shard
+    (["reshard.target_shard_size=3", "reshard.min_shards=2"], None),  # ceil(kept / target) wins
+])
+def test_output_shard_count_and_equal_contiguous_runs_in_input_order(built, tmp_path, overrides, count):
+    """max(min_shards, nodes x gpus x workers, ceil(kept / target)) shards, each an equal (within one)
+    contiguous run of the survivors in input order; the reshard stage rerun on the built downloads."""
+    import math
+    import shutil
+
+    source, stats, _ = built
+    for name in ("input", "download", "steps"):
+        shutil.copytree(source / name, tmp_path / name)
+    cfg = config.load(build_shards.BuildConfig, config.CONFIG_ROOT / "data" / "default.yaml",
+                      ["steps=[basic]", "reshard.workers_per_gpu=1", *overrides])
+    count = count or math.ceil(stats["kept"] / 3)
+    assert count > 1 and stats["kept"] >= count
+    again = build_shards.run(cfg, str(tmp_path), stages=["reshard"])
+    assert again["shards"] == count and again["kept"] == stats["kept"]
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert list(sizes) == [f"shards/{i:06d}.tar" for i in range(count)] and max(sizes.values()) - min(sizes.values()) <= 1
+    kept = sorted((r["row"], r["uid"]) for r in pq.read_table(tmp_path / "manifest.parquet").to_pylist() if r["shard"] >= 0)
+    in_shards = []
+    for name, size in sizes.items():
+        with tarfile.open(tmp_path / name) as tar:
+            uids = list(dict.fromkeys(m.name.split(".")[0] for m in tar))
+        assert len(uids) == size
+        in_shards += uids
+    assert in_shards == [uid for _, uid in kept]  # shard 0 holds the first survivors, and so on
+    too_many = config.load(build_shards.BuildConfig, config.CONFIG_ROOT / "data" / "default.yaml",
+                           ["steps=[basic]", f"reshard.min_shards={stats['kept'] + 1}"])
+    shutil.rmtree(tmp_path / "shards"), (tmp_path / "reshard_plan.parquet").unlink()
+    with pytest.raises(ValueError, match="fewer than the"):
+        build_shards.run(too_many, str(tmp_path), stages=["reshard"])
