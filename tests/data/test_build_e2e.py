@@ -79,6 +79,7 @@ def test_every_planted_fault_is_counted_under_its_reason(served, built):
     manifest = pq.read_table(built / "manifest.parquet").to_pandas().set_index("id")
     truth = pool.to_pandas().set_index("id")
     assert stats["input_rows"] == len(manifest) == len(truth) and manifest["row"].is_unique
+    assert (truth.fault == "near_dup").sum() == 108 and (truth.fault == "eval_copy").sum() == 40  # the README's counts
     for fault, (step, reasons) in EXPECTED.items():
         reasons = reasons if isinstance(reasons, tuple) else (reasons,)
         rows = manifest.loc[truth.index[truth.fault == fault]]
