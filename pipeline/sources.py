@@ -236,6 +236,21 @@ def interleave_hosts(table: pa.Table) -> pa.Table:
     return table.take(np.lexsort((codes, rank)))
 
 
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """The tables as one; an extra column read as different types from different files (csv infers
+    int64 where jsonl gives a string) is kept as text."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+    except pa.ArrowTypeError:
+        types: dict[str, set] = {}
+        for table in tables:
+            for field in table.schema:
+                types.setdefault(field.name, set()).add(field.type)
+        mixed = [name for name, kinds in types.items() if len(kinds - {pa.null()}) > 1]
+        tables = [t.cast(pa.schema([pa.field(f.name, pa.string()) if f.name in mixed else f for f in t.schema])) for t in tables]
+        return pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+
+
 def _parts(tables: Iterator[pa.Table], size: int, window: int) -> Iterator[pa.Table]:
     """Parts of ``size`` rows, interleaved by host within runs of ``window`` parts (0: in list order)."""
     pending: list[pa.Table] = []
@@ -249,11 +264,11 @@ def _parts(tables: Iterator[pa.Table], size: int, window: int) -> Iterator[pa.Ta
         pending.append(table)
         rows += table.num_rows
         while rows >= run:
-            merged = pa.concat_tables(pending, promote_options="permissive").combine_chunks()
+            merged = _concat(pending)
             yield from cut(merged.slice(0, run))
             pending, rows = [merged.slice(run)], rows - run
     if rows:
-        yield from cut(pa.concat_tables(pending, promote_options="permissive").combine_chunks())
+        yield from cut(_concat(pending))
 
 
 def prepare(path: str, cfg: InputConfig, layout) -> dict:

@@ -246,12 +246,33 @@ class SlurmCluster:
 
         def final_state():
             shown = self._run("scontrol", "show", "job", str(job_id))
-            if shown.returncode != 0:  # already purged (MinJobAge): it ended, state unknown here
-                return "PURGED"
+            if shown.returncode != 0:  # already purged (MinJobAge): its end is in the completion log
+                return self.completed_states(job_id).get(str(job_id))
             state = re.search(r"JobState=(\S+)", shown.stdout).group(1)
             return state if state in TERMINAL_STATES else None
 
         return _wait_until(final_state, timeout, f"job {job_id} to end", interval=0.5)
+
+    def completed_states(self, job_id: int) -> dict[str, str]:
+        """Final state of each ended job of ``job_id`` from Slurm's job completion log (jobcomp/filetxt;
+        there is no accounting database for sacct): {"12": "COMPLETED"}, or per array task {"12_0": ...}."""
+        path = self.root / "jobcomp.txt"
+        states = {}
+        for line in (path.read_text(errors="replace") if path.exists() else "").splitlines():
+            fields = dict(re.findall(r"(\w+)=(\S*)", line))  # an array task: its own JobId, plus ArrayJobId and ArrayTaskId
+            task = fields.get("ArrayTaskId", "")
+            if fields.get("ArrayJobId") == str(job_id) and task.isdigit() and int(task) < 2**31:
+                states[f"{job_id}_{task}"] = fields["JobState"]
+            elif fields.get("JobId") == str(job_id):  # a plain job, or an array that never started (one record)
+                states[str(job_id)] = fields["JobState"]
+        return states
+
+    def dependency(self, job_id: int) -> str:
+        """The job's dependency as Slurm holds it (``scontrol show job``), e.g. ``afterok:12_*(unfulfilled)``."""
+        shown = self._run("scontrol", "show", "job", str(job_id))
+        match = re.search(r"\bDependency=(\S+)", shown.stdout)
+        assert shown.returncode == 0 and match, f"job {job_id}: {shown.stdout}{shown.stderr}"
+        return match.group(1)
 
 
 # Minimal, and only what a one-machine cluster needs: no accounting, no cgroups, fast
@@ -277,7 +298,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
+JobCompType=jobcomp/filetxt
+JobCompLoc={root}/jobcomp.txt
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2

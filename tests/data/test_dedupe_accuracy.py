@@ -61,8 +61,8 @@ def test_planted_duplicates_removed_and_no_distinct_image(pool):
         alive = alive[~dropped]
     recall, wrong = score_groups(pool.group.to_numpy(), removed)
     print(f"dedupe: recall {recall:.3f} over {(pool.dup_of >= 0).sum()} planted copies, {len(wrong)} distinct images removed")
-    # Measured 0.958: the 7 misses are the photos' 85% crops, left to the embedding level.
-    assert recall >= 0.95
+    # README: 0.958 (161 of 168); the 7 misses are the photos' 85% crops, left to the embedding level.
+    assert recall >= 161 / 168
     assert wrong == [], [(pool.id[i], pool.fault[i], pool.id[k], pool.fault[k]) for i, k in wrong]
     kept_first = [pool.id[k] <= pool.id[i] for i, k in removed.items()]
     assert all(kept_first)  # the first input row of a group survives
@@ -78,5 +78,5 @@ def test_decontamination_removes_eval_copies_and_no_clean_row(pool):
     planted = (pool.fault == "eval_copy").to_numpy()
     recall = (flagged & planted).sum() / planted.sum()
     print(f"decontaminate: recall {recall:.3f} over {planted.sum()} eval copies, {(flagged & ~planted).sum()} clean rows removed")
-    assert recall >= 0.95
+    assert recall == 1.0  # README: 1.000 over 40 eval copies
     assert not (flagged & ~planted).any(), pool[flagged & ~planted][["id", "fault", "source"]]

@@ -40,8 +40,22 @@ def animated_gif() -> bytes:
     return out.getvalue()
 
 
+def corrupt_png() -> bytes:
+    data = bytearray(png())
+    start = data.find(b"IDAT") + 8
+    data[start:start + 8] = b"\xff" * 8  # the header parses, the pixel data does not inflate
+    return bytes(data)
+
+
+def solid_png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
 HUGE_GIF = b"GIF89a" + (65535).to_bytes(2, "little") * 2 + b"\x00\x00\x00" + b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
 IMAGE = png()
+REASON_IMAGES = {"/reasons/small.png": solid_png(8, 8), "/reasons/wide.png": solid_png(96, 16), "/reasons/corrupt.png": corrupt_png()}
 
 
 class Hostile(BaseHTTPRequestHandler):
@@ -53,6 +67,8 @@ class Hostile(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         path = urllib.parse.unquote(self.path)
         self.requests.append(path)
+        if path in REASON_IMAGES:
+            return self.reply(200, REASON_IMAGES[path], "image/png")
         if path.startswith("/img/") or path == "/busy" and self.requests.count(path) > 1:
             return self.reply(200, IMAGE, "image/png")
         if path.startswith("/chain/"):
@@ -228,3 +244,78 @@ def test_redirects_and_addresses_are_checked_before_any_connection(server):
         with pytest.raises(urllib.error.URLError, match="refused address .*loopback"):
             production.open(url, timeout=5)
     assert len(Hostile.requests) == before, "a refused request reached the server"
+
+
+# (url path, caption, trusted) -> (dropped_by, reason) under REASON_OVERRIDES; the uid column is given
+REASON_ROWS = [
+    ("/reasons/small.png", "a red square", True, ("basic", "too_small")),
+    ("/reasons/wide.png", "a red square", True, ("basic", "aspect_ratio")),
+    ("/reasons/corrupt.png", "a red square", True, ("basic", "corrupt_image")),
+    ("/img/r-short.png", "ab", True, ("basic", "short_caption")),
+    ("/img/r-one-word.png", "square", True, ("basic", "too_few_words")),
+    ("/img/r-blocked.png", "a FORBIDDEN square", True, ("basic", "blocked_word")),
+    ("/img/r-not-blocked.png", "a forbiddenly red square", True, KEPT),  # whole words only
+    ("/img/r-untrusted.png", "a red square", False, ("basic", "not_trusted")),
+    ("/img/r-bad-uid.png", "a red square", True, ("prepare", "invalid_uid")),
+    ("/img/r-first.png", "A red, red square!", True, KEPT),
+    ("/img/r-same-caption.png", "a red red  square", True, ("dedupe", "caption_dup")),  # normalised: the same caption
+    ("/img/r-other.png", "a blue square", True, KEPT),
+]
+REASON_OVERRIDES = ["download.timeout=5", "download.processes=1", "download.threads=8", "steps=[basic,dedupe]",
+                    "dedupe.levels=[rows,caption]", "basic.min_image_size=16", "basic.max_aspect_ratio=3.0",
+                    "basic.min_caption_chars=3", "basic.min_caption_words=2", "basic.blocklist=[forbidden]",
+                    "basic.require_true=[trusted]", "input.uid_col=key", "reshard.workers_per_gpu=1"]
+
+
+def test_each_filter_reason_is_produced_and_counted(server, tmp_path):
+    """Every basic-filter reason, a prepare invalid_uid and the caption dedupe level, each made on purpose by one row."""
+    base, _ = server
+    rows = [{"url": base + path, "caption": caption, "trusted": trusted, "key": "not-a-uid" if "bad-uid" in path else f"{i:032x}"}
+            for i, (path, caption, trusted, _) in enumerate(REASON_ROWS)]
+    (tmp_path / "urls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.load(build_shards.BuildConfig, config.CONFIG_ROOT / "data" / "default.yaml", REASON_OVERRIDES)
+    stats = build_shards.run(cfg, str(tmp_path / "out"), str(tmp_path / "urls.jsonl"))
+    manifest = {r["url"]: (r["dropped_by"], r["reason"]) for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
+    assert manifest == {base + path: verdict for path, _, _, verdict in REASON_ROWS}
+    counted: dict = {}
+    for *_, (step, reason) in REASON_ROWS:
+        if step:
+            counted.setdefault(step, {})[reason] = counted.get(step, {}).get(reason, 0) + 1
+    assert stats["dropped"] == counted and stats["kept"] == sum(v == KEPT for *_, v in REASON_ROWS)
+
+
+@pytest.mark.parametrize("overrides, count", [
+    (["reshard.min_shards=5"], 5),  # min_shards wins
+    (["reshard.nodes=2", "reshard.gpus_per_node=2", "reshard.workers_per_gpu=2"], 8),  # every reader gets a shard
+    (["reshard.target_shard_size=3", "reshard.min_shards=2"], None),  # ceil(kept / target) wins
+])
+def test_output_shard_count_and_equal_contiguous_runs_in_input_order(built, tmp_path, overrides, count):
+    """max(min_shards, nodes x gpus x workers, ceil(kept / target)) shards, each an equal (within one)
+    contiguous run of the survivors in input order; the reshard stage rerun on the built downloads."""
+    import math
+    import shutil
+
+    source, stats, _ = built
+    for name in ("input", "download", "steps"):
+        shutil.copytree(source / name, tmp_path / name)
+    cfg = config.load(build_shards.BuildConfig, config.CONFIG_ROOT / "data" / "default.yaml",
+                      ["steps=[basic]", "reshard.workers_per_gpu=1", *overrides])
+    count = count or math.ceil(stats["kept"] / 3)
+    assert count > 1 and stats["kept"] >= count
+    again = build_shards.run(cfg, str(tmp_path), stages=["reshard"])
+    assert again["shards"] == count and again["kept"] == stats["kept"]
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert list(sizes) == [f"shards/{i:06d}.tar" for i in range(count)] and max(sizes.values()) - min(sizes.values()) <= 1
+    kept = sorted((r["row"], r["uid"]) for r in pq.read_table(tmp_path / "manifest.parquet").to_pylist() if r["shard"] >= 0)
+    in_shards = []
+    for name, size in sizes.items():
+        with tarfile.open(tmp_path / name) as tar:
+            uids = list(dict.fromkeys(m.name.split(".")[0] for m in tar))
+        assert len(uids) == size
+        in_shards += uids
+    assert in_shards == [uid for _, uid in kept]  # shard 0 holds the first survivors, and so on
+    too_many = config.load(build_shards.BuildConfig, config.CONFIG_ROOT / "data" / "default.yaml",
+                           ["steps=[basic]", f"reshard.min_shards={stats['kept'] + 1}"])
+    shutil.rmtree(tmp_path / "shards"), (tmp_path / "reshard_plan.parquet").unlink()
+    with pytest.raises(ValueError, match="fewer than the"):
+        build_shards.run(too_many, str(tmp_path), stages=["reshard"])

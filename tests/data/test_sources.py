@@ -13,7 +13,7 @@ from filter.clip_score import ClipScore, ClipScoreConfig
 from pipeline.core.tasks import task_range
 from pipeline.download import error_reason
 from pipeline.core.shards import Layout
-from pipeline.sources import InputConfig, InputError, prepare
+from pipeline.sources import InputConfig, InputError, derive_uid, prepare
 
 
 def test_missing_caption_column_stops_before_any_work(tmp_path):
@@ -218,3 +218,50 @@ def test_rows_are_interleaved_by_host_across_parts_and_keep_their_row_numbers(tm
     single = Layout(str(tmp_path / "single"))
     prepare(str(tmp_path / "urls.parquet"), InputConfig(part_size=3, interleave_parts=0), single)
     assert pq.read_table(single.input_part(0))["row"].to_pylist() == [0, 1, 2]  # 0: list order
+
+
+# ---------------------------------------------------------------------------- input formats
+
+
+def test_every_input_format_gives_the_same_rows(tmp_path):
+    """parquet, csv, tsv, jsonl, jsonl.gz, a folder of them and an fsspec URL (memory://) read the same list."""
+    import gzip
+
+    import fsspec
+
+    rows = [{"url": f"http://h/{i}.jpg", "caption": f"a shirt, size {i}", "width": str(64 + i)} for i in range(5)]
+    jsonl = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    csv_text = "url,caption,width\n" + "".join(f'{r["url"]},"{r["caption"]}",{r["width"]}\n' for r in rows)
+    tsv_text = "url\tcaption\twidth\n" + "".join(f'{r["url"]}\t{r["caption"]}\t{r["width"]}\n' for r in rows)
+    files = {"urls.parquet": None, "urls.csv": csv_text.encode(), "urls.tsv": tsv_text.encode(),
+             "urls.jsonl": jsonl, "urls.jsonl.gz": gzip.compress(jsonl)}
+    (tmp_path / "folder").mkdir()
+    for i, line in enumerate(jsonl.splitlines(keepends=True)):  # a folder: one file per row, read in name order
+        name = f"{i:02d}.{('jsonl', 'csv', 'tsv', 'jsonl.gz', 'parquet')[i]}"
+        row = rows[i]
+        data = {"jsonl": line, "csv": f'url,caption,width\n{row["url"]},"{row["caption"]}",{row["width"]}\n'.encode(),
+                "tsv": f'url\tcaption\twidth\n{row["url"]}\t{row["caption"]}\t{row["width"]}\n'.encode(),
+                "jsonl.gz": gzip.compress(line), "parquet": None}[name.split(".", 1)[1]]
+        if data is None:
+            pq.write_table(pa.Table.from_pylist([row]), tmp_path / "folder" / name)
+        else:
+            (tmp_path / "folder" / name).write_bytes(data)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "urls.parquet")
+    memory = fsspec.filesystem("memory")
+    sources = {"folder": str(tmp_path / "folder"), "memory://": "memory://vlpipe-test/urls.jsonl.gz"}
+    for name, data in files.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        sources[name] = str(tmp_path / name)
+    memory.pipe("/vlpipe-test/urls.jsonl.gz", gzip.compress(jsonl))
+    try:
+        for label, source in sources.items():
+            layout = Layout(str(tmp_path / "out" / label.replace("/", "").replace(":", "")))
+            index = prepare(source, InputConfig(interleave_parts=0), layout)
+            got = pq.read_table(layout.input_part(0)).to_pylist()
+            assert index["rows"] == 5, label
+            assert [(r["row"], r["url"], r["caption"], str(r["width"]), r["reject"]) for r in got] == \
+                [(i, r["url"], r["caption"], r["width"], "") for i, r in enumerate(rows)], label
+            assert [r["uid"] for r in got] == [derive_uid(r["url"], r["caption"]) for r in rows], label
+    finally:
+        memory.rm("/vlpipe-test", recursive=True)

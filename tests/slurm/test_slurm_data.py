@@ -86,3 +86,73 @@ def test_build_shards_chain_equals_a_local_run(slurm_cluster, job_env, tmp_path)
         assert (slurm / "shards" / name).read_bytes() == (local / "shards" / name).read_bytes(), name
     stats = json.loads((slurm / "stats.json").read_text())
     assert stats["kept"] > 0 and {"download", "basic", "clip_score", "dedupe"} <= set(stats["dropped"])
+
+
+# Cheap steps (no scorer, no embedder): still one dataset-wide step between two shard phases.
+CHAIN_OVERRIDES = ["steps=[basic,dedupe]", "dedupe.levels=[rows,exact]", "input.part_size=30", "reshard.target_shard_size=40",
+                   "reshard.workers_per_gpu=1", "download.processes=1", "download.threads=8"]
+
+
+def squeue(cluster, job: int) -> str:
+    """"STATE REASON" of a job as squeue shows it."""
+    return subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T %r"], env=cluster.env, capture_output=True, text=True).stdout.strip()
+
+
+def _wait_for(predicate, timeout: float, what: str, logs: Path) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}\n{job_logs(logs)}"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_download_script_then_chain_links_wait_on_each_other_and_a_resubmit_resumes(slurm_cluster, job_env, tmp_path):
+    """slurm/download.sh downloads every part and curates nothing; then build_shards.sh's chain: its
+    order as Slurm holds it (each job afterok on the one before, from scontrol), a failed link
+    holds back the rest (squeue: DependencyNeverSatisfied; array ends from Slurm's completion log),
+    and re-submitting the same command finishes the build without redoing finished outputs."""
+    logs, out = tmp_path / "logs", tmp_path / "slurm"
+    logs.mkdir()
+    with serve_pool(pool=pool_subset(clean=40, per_fault=1)) as server:
+        urls = server.write_url_list(tmp_path / "urls.parquet")
+        env = {**job_env, "INPUT": str(urls), "OUTPUT": str(out), "ARRAY_SIZE": "2", "SBATCH_OUTPUT": str(logs / "%x-%j.out")}
+        # slurm/download.sh first: prepare, then one array of img2dataset tasks, no curation
+        download = slurm_cluster.sbatch(REPO / "slurm" / "download.sh", "configs/data/default.yaml", *CHAIN_OVERRIDES,
+                                        env=env, cwd=REPO, timeout=120).check()
+        (array, what), = re.findall(r"job (\d+): (.*)", download.output)
+        parts = json.loads((out / "input" / "index.json").read_text())["parts"]
+        assert what == f"2 tasks x shard phase of download ({parts} input parts)" and parts >= 2, download.output
+        _wait_for(lambda: len(slurm_cluster.completed_states(int(array))) == 2, 400, "the download array's 2 tasks", logs)
+        assert set(slurm_cluster.completed_states(int(array)).values()) == {"COMPLETED"}, job_logs(logs)
+        assert all((out / "download" / f"{p:06d}_stats.json").exists() for p in range(parts)) and not (out / "steps").exists()
+        downloaded = {p: p.stat().st_mtime_ns for p in (out / "download").iterdir()}
+
+        # then the curation chain, as the same build_shards.sh command (its download stage finds every part done)
+        driver = slurm_cluster.sbatch(REPO / "slurm" / "build_shards.sh", "configs/data/default.yaml", *CHAIN_OVERRIDES,
+                                      env=env, cwd=REPO, timeout=120).check()
+        chain = [int(job) for job in re.findall(r"job (\d+): ", driver.output)]
+        assert len(chain) == 4, driver.output  # [download,basic,dedupe] -> dedupe -> [reshard] -> reshard
+        subprocess.run(["scontrol", "hold", str(chain[1])], env=slurm_cluster.env, check=True)  # cancelled below: a failed link
+        for before, job in zip(chain, chain[1:]):
+            assert re.fullmatch(rf"afterok:{before}(_\*)?\(unfulfilled\)", slurm_cluster.dependency(job)), job
+        _wait_for(lambda: len(slurm_cluster.completed_states(chain[0])) == 2, 400, "the first array's 2 tasks", logs)
+        assert slurm_cluster.completed_states(chain[0]) == {f"{chain[0]}_0": "COMPLETED", f"{chain[0]}_1": "COMPLETED"}
+        assert all((out / "steps" / "dedupe" / f"{p:06d}.parquet").exists() for p in range(parts))
+        subprocess.run(["scancel", str(chain[1])], env=slurm_cluster.env, check=True)
+        _wait_for(lambda: squeue(slurm_cluster, chain[2]) == "PENDING DependencyNeverSatisfied", 60, "the next link to be held back", logs)
+        assert squeue(slurm_cluster, chain[3]) == "PENDING Dependency"  # and the one after it waits on that one
+        assert not (out / "manifest.parquet").exists() and not (out / "steps" / "dedupe" / "decisions.parquet").exists()
+        subprocess.run(["scancel", str(chain[2]), str(chain[3])], env=slurm_cluster.env, check=True)
+        finished = downloaded
+        finished.update({p: p.stat().st_mtime_ns for p in (out / "steps").rglob("*.parquet")})
+
+        again = slurm_cluster.sbatch(REPO / "slurm" / "build_shards.sh", "configs/data/default.yaml", *CHAIN_OVERRIDES,
+                                     env=env, cwd=REPO, timeout=120).check()
+        last = int(re.search(r"last job: (\d+)", again.output).group(1))
+        assert slurm_cluster.wait_job(last, timeout=400) == "COMPLETED", job_logs(logs)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["kept"] > 0 and stats["input_rows"] == json.loads((out / "input" / "index.json").read_text())["rows"]
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished, "a finished output was written again"
+

@@ -55,10 +55,45 @@ def test_train_on_two_nodes_then_chained_eval(slurm_cluster, job_env, tmp_path):
     eval_job = int(re.search(r"submitted zero-shot evaluation: job (\d+)", train.output).group(1))
     state = slurm_cluster.wait_job(eval_job, timeout=600)
     eval_log = (tmp_path / f"eval-{eval_job}.out").read_text()
-    assert state in ("COMPLETED", "PURGED"), eval_log[-4000:]
+    assert state == "COMPLETED", eval_log[-4000:]  # Slurm's completion log, also once the job is purged
     results = list((run_dir / "eval").glob("*zeroshot_classification.json"))
     assert results, eval_log[-4000:]
-    assert json.loads(results[0].read_text())["metrics"]["acc1"] > 0  # a number came out of the chained job
+    # The chained job evaluated this run: its numbers are what evaluating the run by hand gives.
+    local = subprocess.run([job_env["PYTHON"], "-m", "pipeline.evaluate", "--checkpoint", str(run_dir), "--output", str(tmp_path / "by_hand"),
+                            "--config", "configs/demo/eval.yaml", "dataset.limit=500", "device=cpu", "precision=fp32"],
+                           cwd=REPO, env={**os.environ, **job_env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-4000:]
+    by_hand = json.loads(next((tmp_path / "by_hand").glob("*zeroshot_classification.json")).read_text())["metrics"]
+    chained = json.loads(results[0].read_text())["metrics"]
+    assert chained.keys() == by_hand.keys() and chained == pytest.approx(by_hand, abs=1e-6, nan_ok=True)
+
+
+@pytest.mark.slow
+def test_a_failed_training_job_submits_no_evaluation(slurm_cluster, job_env, tmp_path):
+    """afterok: the evaluation follows only a training job that succeeded; a failed one chains nothing."""
+    before = set(subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_cluster.env, capture_output=True, text=True).stdout.split())
+    train = slurm_cluster.sbatch(
+        REPO / "slurm" / "train_clip.sh", "configs/clip/tiny.yaml", f"data.path={tmp_path / 'no_shards'}", "run.steps=2",
+        "log.tensorboard=false", options=("--nodes=1",),
+        env={**job_env, "RUN_DIR": str(tmp_path / "run"), "SBATCH_OUTPUT": str(tmp_path / "%x-%j.out")}, cwd=REPO, timeout=300)
+    assert train.returncode != 0 and "training configs/clip/tiny.yaml" in train.output, train.output[-4000:]
+    assert "submitted zero-shot evaluation" not in train.output, train.output[-4000:]
+    queued = subprocess.run(["squeue", "-h", "-o", "%i %j"], env=slurm_cluster.env, capture_output=True, text=True).stdout
+    assert not [line for line in queued.splitlines() if line.split()[0] not in before and line.split()[1] == "eval"], queued
+    assert not list(tmp_path.glob("eval-*.out")), "an evaluation job ran"
+
+
+@pytest.mark.slow
+def test_train_albef_script_trains(slurm_cluster, job_env, tmp_path):
+    """slurm/train_albef.sh submitted as a user would: ALBEF's default-config launcher runs the trainer."""
+    shards, run_dir = write_pool_shards(tmp_path / "data", count=64), tmp_path / "run"
+    train = slurm_cluster.sbatch(
+        REPO / "slurm" / "train_albef.sh", "configs/albef/tiny.yaml", f"data.path={shards}", "run.steps=2", "run.log_every=1",
+        "run.ckpt_every=0", "schedule.warmup_steps=1", "data.batch_size=8", "objective.queue_size=16", "log.tensorboard=false",
+        options=("--nodes=1",), env={**job_env, "RUN_DIR": str(run_dir), "EVAL": "0"}, cwd=REPO, timeout=400).check()
+    assert "training configs/albef/tiny.yaml" in train.output
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] > 0 for r in records), train.output[-3000:]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
