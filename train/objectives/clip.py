@@ -71,7 +71,7 @@ class ChunkedLogSumExp(torch.autograd.Function):
         return dq.mul_(scale), dk.mul_(scale), dscale, None
 
 
-def _info_nce(q: torch.Tensor, k: torch.Tensor, k_all: torch.Tensor, positives: torch.Tensor, scale: torch.Tensor,
+def info_nce(q: torch.Tensor, k: torch.Tensor, k_all: torch.Tensor, positives: torch.Tensor, scale: torch.Tensor,
               chunk: int) -> torch.Tensor:
     """Mean over the b local rows of -log softmax(scale * q @ k_all.T)[i, positive_i].
 
@@ -91,8 +91,8 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     image_all, text_all = all_gather_with_grad(image), all_gather_with_grad(text)  # (N, D), rank order
     positives = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]  # (b,)
     scale = logit_scale.exp()
-    image_to_text = _info_nce(image, text, text_all, positives, scale, chunk)
-    text_to_image = _info_nce(text, image, image_all, positives, scale, chunk)
+    image_to_text = info_nce(image, text, text_all, positives, scale, chunk)
+    text_to_image = info_nce(text, image, image_all, positives, scale, chunk)
     return (image_to_text + text_to_image) / 2
 
 
