@@ -90,7 +90,7 @@ class CPCModel(nn.Module):
         batchnorm = [type(m).__name__ for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if batchnorm:
             raise ValueError(f"model.backbone {cfg.backbone} still has {batchnorm[0]}, which mixes the patches of an "
-                             "image: choose a backbone that takes timm's norm_layer (e.g. resnet50)")
+                             "image: use a LayerNorm-type model.norm_layer and a backbone that takes timm's norm_layer")
         pretrained = self.backbone.pretrained_cfg
         self.contract = DataContract(
             image_size=cfg.image_size,
