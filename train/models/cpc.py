@@ -22,6 +22,7 @@ from torch import nn
 
 from train.contract import DataContract
 from train.models.towers import timm_tower
+from train.precision import full_precision
 from train.registry import MODELS
 
 
@@ -117,7 +118,9 @@ class CPCModel(nn.Module):
         """(B, G * G, 3, p, p) -> patch embeddings z (B, G * G, D) and contexts (B, C, G, G)."""
         b, count = patches.shape[:2]
         grid = self.contract.grid
-        z = self.backbone(patches.flatten(0, 1)).view(b, count, -1)
+        # fp32 under bf16 autocast: with a bf16 patch encoder the tiny config's loss went to chance
+        # (7.36) or NaN within 16 steps while fp32 fell; with only this in fp32 it tracks fp32.
+        z = full_precision(self.backbone)(patches.flatten(0, 1)).view(b, count, -1)
         contexts = self.context(z.transpose(1, 2).unflatten(2, (grid, grid)))
         return z, contexts
 
