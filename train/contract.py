@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class DataContract:
@@ -19,3 +21,19 @@ class DataContract:
     tokenizer: str = "clip_bpe"  # a name in the tokenizer registry; "" for image-only models
     tokenizer_path: str = ""  # local files for tokenizers that need them (Hugging Face)
     context_length: int = 77
+    # CPC: training inputs are a grid of overlapping square patches of the image (0 = whole images)
+    patch_size: int = 0
+    patch_stride: int = 0
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of the image's patch grid."""
+        return (self.image_size - self.patch_size) // self.patch_stride + 1
+
+    def cut_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(..., C, H, W) images of the contract's size -> (..., grid * grid, C, patch, patch), rows
+        of the grid in order: the one patch layout of the CPC transform and model."""
+        size, stride = self.patch_size, self.patch_stride
+        patches = images.unfold(-2, size, stride).unfold(-2, size, stride)  # (..., C, G, G, p, p)
+        patches = patches.movedim(-5, -3)  # (..., G, G, C, p, p)
+        return patches.flatten(-5, -4)

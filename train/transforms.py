@@ -8,6 +8,9 @@ Each entry of :data:`TRANSFORMS` is a builder ``(data config, contract) -> image
 - ``simclr``, ``moco_v2``: two views -> ``{"view1", "view2"}``: independent draws of random
   resized crop (SimCLR 0.08-1, MoCo v2 0.2-1), flip, colour jitter (p = 0.8, strength
   ``data.jitter_strength``), grayscale (p = 0.2) and Gaussian blur (p = 0.5).
+- ``cpc``: random resized crop and flip of the image, cut into the contract's patch grid
+  (:meth:`DataContract.cut_patches`), then CPC v2's patch-level augmentation, drawn per patch:
+  colour jitter, colour dropping and horizontal flip -> ``{"patches"}`` (grid * grid, 3, p, p).
 
 All end in the size of the model's data contract. The training transforms run in the data
 pipeline's worker processes, from its per-sample seed, and end in uint8 (3, H, W) tensors: a
@@ -136,3 +139,55 @@ def two_views(preset: str) -> Callable[[DataConfig, DataContract], Transform]:
 
 for _preset in JITTER:
     TRANSFORMS.register(_preset, two_views(_preset))
+
+
+# ---------------------------------------------------------------------------- patches (CPC v2)
+
+PATCH_JITTER_P = 0.8  # SimCLR's; v2 jitters each patch on its own
+PATCH_DROP_P = 0.5  # colour dropping (Doersch et al. 2015, used by CPC v2): keep one channel of three
+PATCH_FLIP_P = 0.5
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """(n, 3, h, w) -> (n, 1, h, w) luma, torchvision's weights."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def augment_patches(patches: torch.Tensor, strength: tuple[float, float, float]) -> torch.Tensor:
+    """uint8 (n, 3, h, w) patches, each with its own draws: brightness, contrast and saturation
+    jitter (factors in 1 +- strength; hue is left out: per patch it costs a colour-space round trip
+    each), colour dropping (the other two channels set to mid-grey) and a horizontal flip.
+    Vectorised over patches: a torchvision transform per patch would cost ~grid^2 calls per sample."""
+    n = patches.shape[0]
+    x = patches.float()
+
+    def draw(p: float) -> torch.Tensor:
+        return torch.rand(n, 1, 1, 1) < p
+
+    def factor(s: float) -> torch.Tensor:
+        return 1 + (2 * torch.rand(n, 1, 1, 1) - 1) * s
+
+    brightness, contrast, saturation = strength
+    y = (x * factor(brightness)).clamp_(0, 255)
+    mean = _grey(y).mean(dim=(1, 2, 3), keepdim=True)
+    y = ((y - mean) * factor(contrast) + mean).clamp_(0, 255)
+    grey = _grey(y)
+    y = ((y - grey) * factor(saturation) + grey).clamp_(0, 255)
+    x = torch.where(draw(PATCH_JITTER_P), y, x)
+    kept = torch.nn.functional.one_hot(torch.randint(3, (n,)), 3).bool().view(n, 3, 1, 1)
+    x = torch.where(draw(PATCH_DROP_P) & ~kept, 128.0, x)
+    x = torch.where(draw(PATCH_FLIP_P), x.flip(-1), x)
+    return x.round_().to(torch.uint8)
+
+
+@TRANSFORMS.register("cpc")
+def cpc_patches(cfg: DataConfig, contract: DataContract) -> Transform:
+    crop = T.Compose([
+        T.PILToTensor(),
+        T.RGB(),
+        T.RandomResizedCrop(contract.image_size, scale=cfg.crop_scale, interpolation=interpolation_mode(contract),
+                            antialias=True),
+        T.RandomHorizontalFlip(),
+    ])
+    strength = tuple(cfg.jitter_strength * j for j in JITTER["simclr"][:3])
+    return lambda image: {"patches": augment_patches(contract.cut_patches(crop(image)), strength)}  # uint8 (P, 3, p, p)

@@ -22,6 +22,7 @@ STEPS = 24
 OBJECTIVES = {
     "clip": (["configs/clip/tiny.yaml", "data.batch_size=16", "optim.lr=2e-3", "schedule.warmup_steps=2"], 0.01, 0),
     "simclr": (["configs/simclr/tiny.yaml", "data.batch_size=16"], 0.05, 0),
+    "cpc": (["configs/cpc/tiny.yaml", "data.batch_size=8"], 0.01, 0),  # measured 0.22%
     # the queue holds one global batch; step 1 scores against the random initial queue
     "moco": (["configs/moco/tiny.yaml", "objective.queue_size=64", "objective.momentum=0.9"], 0.10, 1),
     # ALBEF's default momentum (0.995): its EMA step is the one bf16 storage would round away

@@ -95,8 +95,8 @@ class Excluded:
         return self.block(0, 0, torch.Size((self.row_ids.shape[0], self.col_ids.shape[0])))
 
 
-def _info_nce(q: torch.Tensor, k: torch.Tensor, k_all: torch.Tensor, positives: torch.Tensor, scale: torch.Tensor,
-              chunk: int, excluded: Excluded | None) -> torch.Tensor:
+def info_nce(q: torch.Tensor, k: torch.Tensor, k_all: torch.Tensor, positives: torch.Tensor, scale: torch.Tensor,
+             chunk: int, excluded: Excluded | None = None) -> torch.Tensor:
     """Mean over the b local rows of -log softmax(scale * q @ k_all.T)[i, positive_i], the ``excluded``
     columns left out of the softmax.
 
@@ -123,8 +123,8 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     # Gathered beside the features, (b,) on every rank: the same collective whatever the ids are.
     excluded = None if image_id is None else Excluded(image_id, all_gather_no_grad(image_id), positives)
     scale = logit_scale.exp()
-    image_to_text = _info_nce(image, text, text_all, positives, scale, chunk, excluded)
-    text_to_image = _info_nce(text, image, image_all, positives, scale, chunk, excluded)
+    image_to_text = info_nce(image, text, text_all, positives, scale, chunk, excluded)
+    text_to_image = info_nce(text, image, image_all, positives, scale, chunk, excluded)
     return (image_to_text + text_to_image) / 2
 
 
