@@ -17,17 +17,17 @@ import dataclasses
 import hashlib
 import io
 import re
+import tempfile
 from typing import Callable, Iterator
 
-import faiss
 import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image
 
-from filter import STEPS, Step, decisions, phash
+from filter import STEPS, Step, decisions, near_dup, phash, semdedup
+from filter.buckets import components
 from filter.embedders import EMBEDDERS
-from filter.near_dup import PixelMatchConfig, groups, matching_pairs, thumbnail
+from filter.near_dup import PixelDedupeConfig, thumbnail
 from pipeline.core.io import atomic_write
 from pipeline.core.log import get_logger
 from pipeline.core.registry import Registry
@@ -45,13 +45,16 @@ class EmbeddingDedupeConfig:
     background_k: int = 10
     cluster_size: int = 2000  # SemDeDup: n / cluster_size k-means clusters (larger: better recall, quadratic cost)
     probes: int = 1  # clusters each item joins (its nearest centroids): copies on a cluster boundary still meet
+    sample: int = 262144  # k-means training rows (a fixed seeded sample: every row when there are fewer)
+    task_rows: int = 100000  # cluster members per task (clusters grouped up to this): bounds a task's memory
+    block_rows: int = 2048  # similarity rows computed at once within a cluster: memory block_rows x members
 
 
 @dataclasses.dataclass(kw_only=True)
 class DedupeConfig:
     levels: list[str] = dataclasses.field(default_factory=lambda: ["rows", "exact", "phash", "pixel", "embedding"])
     phash: phash.PhashConfig = dataclasses.field(default_factory=phash.PhashConfig)
-    pixel: PixelMatchConfig = dataclasses.field(default_factory=PixelMatchConfig)
+    pixel: PixelDedupeConfig = dataclasses.field(default_factory=PixelDedupeConfig)
     embedding: EmbeddingDedupeConfig = dataclasses.field(default_factory=EmbeddingDedupeConfig)
 
     def validate(self) -> None:
@@ -101,43 +104,19 @@ def _caption(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
 def _phash(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
     hashed = np.flatnonzero(f.has_phash)
     pairs = hashed[phash.matching_pairs(f.phash[hashed], cfg.phash)]
-    return groups(len(f.rows), pairs), "near_dup"
+    return components(len(f.rows), pairs), "near_dup"
 
 
 @LEVELS.register("pixel")
 def _pixel(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
-    return groups(len(f.rows), matching_pairs(f.thumbs, f.thumbs, cfg.pixel, exclude_self=True)), "near_dup"
+    with tempfile.TemporaryDirectory() as workdir:
+        return near_dup.level([f.thumbs], cfg.pixel, workdir).run(), "near_dup"
 
 
 @LEVELS.register("embedding")
 def _embedding(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
-    c = cfg.embedding
-    emb = np.ascontiguousarray(f.embeddings, np.float32)
-    n_clusters = max(1, len(emb) // c.cluster_size)
-    if n_clusters > 1:
-        kmeans = faiss.Kmeans(emb.shape[1], n_clusters, niter=20, seed=0, spherical=True)
-        kmeans.train(emb)
-        cluster = kmeans.index.search(emb, min(c.probes, n_clusters))[1]  # (n, probes)
-    else:
-        cluster = np.zeros((len(emb), 1), np.int64)
-    item, cluster = np.repeat(np.arange(len(emb)), cluster.shape[1]), cluster.ravel()
-    order = np.argsort(cluster, kind="stable")
-    members = np.split(item[order], np.flatnonzero(np.diff(cluster[order])) + 1)
-    pairs = [_cluster_pairs(m, emb, c) for m in members]
-    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
-    return groups(len(emb), pairs), "semantic_dup"
-
-
-def _cluster_pairs(members: np.ndarray, emb: np.ndarray, c: EmbeddingDedupeConfig) -> np.ndarray:
-    x = torch.from_numpy(emb[members])
-    sim = x @ x.T  # (m, m)
-    sim.fill_diagonal_(-1.0)
-    a, b = torch.nonzero(torch.triu(sim >= c.threshold, diagonal=1), as_tuple=True)  # few: test the margin on these only
-    if c.margin > 0 and len(members) > c.background_k:
-        background = sim.topk(c.background_k, dim=1).values[:, -1]  # each item's k-th neighbour similarity
-        keep = sim[a, b] - torch.maximum(background[a], background[b]) >= c.margin
-        a, b = a[keep], b[keep]
-    return np.stack([members[a.numpy()], members[b.numpy()]], 1)
+    with tempfile.TemporaryDirectory() as workdir:
+        return semdedup.level([f.embeddings], cfg.embedding, workdir).run(), "semantic_dup"
 
 
 def normalize_caption(caption: str) -> str:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from typing import Sequence
 
 import faiss
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
+
+from filter.buckets import Bucketed
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -28,6 +31,16 @@ class PixelMatchConfig:
     max_rms: float = 8.0  # grey levels (0-255): at most this different after alignment = the same picture
 
 
+@dataclasses.dataclass(kw_only=True)
+class PixelDedupeConfig(PixelMatchConfig):
+    # Pairs are sought within buckets (an IVF index cut into tasks, see filter/buckets.py): n / bucket_size
+    # k-means buckets of the descriptors; each image joins the nearest `probes` of its own and of its mirror's.
+    bucket_size: int = 20000  # the kNN inside a bucket is exact: a row's cost grows with this, recall too
+    probes: int = 1
+    sample: int = 262144  # k-means training rows (a fixed seeded sample)
+    task_rows: int = 100000  # bucket members per task (buckets grouped up to this): bounds a task's memory
+
+
 def thumbnail(image: bytes | Image.Image, cfg: PixelMatchConfig) -> np.ndarray:
     """(size, size) uint8 grey thumbnail of encoded bytes or an image, blurred."""
     image = Image.open(io.BytesIO(image)) if isinstance(image, bytes) else image
@@ -37,12 +50,16 @@ def thumbnail(image: bytes | Image.Image, cfg: PixelMatchConfig) -> np.ndarray:
     return np.asarray(image, np.uint8)
 
 
-def descriptor(thumbs: np.ndarray) -> np.ndarray:
-    """(N, 64) unit-norm log-magnitudes of the 8x8 lowest frequencies: blind to translation."""
-    x = thumbs.astype(np.float32)
-    spectrum = np.abs(np.fft.fft2(x - x.mean((1, 2), keepdims=True)))[:, :8, :8]
-    d = np.log1p(spectrum).reshape(len(x), -1).astype(np.float32)
-    return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-6)
+def descriptor(thumbs: np.ndarray, chunk_rows: int = 4096) -> np.ndarray:
+    """(N, 64) float32 unit-norm log-magnitudes of the 8x8 lowest frequencies: blind to translation.
+    In chunks: the FFT's complex128 scratch is ``chunk_rows`` images, not all of them."""
+    out = np.empty((len(thumbs), 64), np.float32)
+    for start in range(0, len(thumbs), chunk_rows):
+        x = np.asarray(thumbs[start : start + chunk_rows], np.float32)
+        spectrum = np.abs(np.fft.fft2(x - x.mean((1, 2), keepdims=True)))[:, :8, :8]
+        d = np.log1p(spectrum).reshape(len(x), -1).astype(np.float32)
+        out[start : start + len(x)] = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-6)
+    return out
 
 
 def candidates(queries: np.ndarray, base: np.ndarray, k: int, exclude_self: bool) -> np.ndarray:
@@ -93,17 +110,11 @@ def matching_pairs(queries: np.ndarray, base: np.ndarray, cfg: PixelMatchConfig,
     return pairs[same]
 
 
-def groups(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Connected components of ``pairs`` over n items: (n,) the smallest index of each item's group."""
-    parent = np.arange(n)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in pairs:
-        ra, rb = root(a), root(b)
-        parent[max(ra, rb)] = min(ra, rb)
-    return np.array([root(i) for i in range(n)])
+def level(parts: Sequence[np.ndarray], cfg: PixelDedupeConfig, workdir: str) -> Bucketed:
+    """The pixel dedupe level's tasks over ``parts`` ((n_p, size, size) uint8 thumbnails, e.g. memmaps):
+    within each bucket, every image's ``neighbours`` nearest by descriptor (as is and mirrored),
+    confirmed by :func:`aligned_rms`."""
+    n = sum(map(len, parts))
+    return Bucketed(parts, workdir, n_buckets=n // cfg.bucket_size, probes=cfg.probes, sample=cfg.sample,
+                    task_rows=cfg.task_rows, keys=lambda t: [descriptor(t), descriptor(t[:, :, ::-1])],
+                    find_pairs=lambda t: matching_pairs(t, t, cfg, exclude_self=True))
