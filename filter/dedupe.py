@@ -450,10 +450,10 @@ def roots(level: str, features: Features, cfg: DedupeConfig) -> np.ndarray:
     """(n,) the position of the item each item's group keeps: level ``level`` run in memory over one
     part, through the same map, reduce and merge as the build (tests, benchmarks)."""
     n = len(features.rows)
-    table = pa.table({"row": features.rows, "uid": features.uid, "sha256": features.sha256, "caption_norm": features.caption,
+    table = pa.table({"row": np.asarray(features.rows, np.int64), "uid": features.uid, "sha256": features.sha256, "caption_norm": features.caption,
                       "part": np.zeros(n, np.int64), "index": np.arange(n)})
     if features.phash is not None:
-        valid = pa.array(~features.has_phash)
+        valid = ~np.asarray(features.has_phash, bool)
         table = table.append_column("phash", pa.array(features.phash[:, 0], mask=valid)).append_column(
             "phash_mirror", pa.array(features.phash[:, 1], mask=valid))
     arrays = {"thumbs": features.thumbs, "embed": features.embeddings}
