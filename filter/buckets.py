@@ -2,31 +2,27 @@
 
 Comparing every pair of n items is quadratic, and one index over all of them does not fit one
 task. So, as an IVF index does, a coarse quantiser sends each item to a few buckets and pairs are
-sought only within a bucket:
+sought only within a bucket. As a dedupe level (:class:`BucketLevel`, filter/dedupe.py's interface):
 
-1. ``train``: spherical k-means on a fixed-size seeded sample (cost and memory independent of n;
-   faiss on GPU when one is present), centroids saved as a file;
-2. ``assign``: per part, each item's nearest ``probes`` centroids (copies near a bucket boundary
-   still meet), in chunks; an HNSW graph over the centroids when there are many, so a row's cost
-   grows as log(centroids), not as their number;
-3. ``bucket_members``: per part, (bucket, item) sorted by bucket, so a task reads its buckets' slice;
-4. ``task_ranges``: consecutive buckets grouped into tasks of at most ``task_rows`` members.
+- ``prepare`` (once): spherical k-means with ``n / bucket size`` centroids on a fixed-size seeded
+  sample of the rows in the running (training cost and memory independent of n; faiss on GPU
+  when one is present), saved as ``centroids.npy`` in the level's folder;
+- ``map`` (per part): each row's nearest ``probes`` centroids for each of its keys (copies near a
+  bucket boundary still meet), computed in chunks from the part's memory-mapped array; a record
+  (row, part, index, bucket) per bucket it joins, sent to partition ``bucket % partitions``;
+- ``reduce`` (per partition): bucket by bucket, load only that bucket's members from the parts'
+  memory-mapped arrays and find the pairs among them.
 
-A task then loads only its members (memory-mapped parts), finds the pairs, and the pairs of every
-task are merged by connected components (:func:`components`). Item ids are global positions:
-the part's offset plus the row within the part.
+Memory: a map holds a chunk, a reduce its records and one bucket's members (not the dataset).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Callable, Sequence
-
 import faiss
 import numpy as np
-import scipy.sparse
-import scipy.sparse.csgraph
+import pyarrow as pa
 
+from filter.dedupe import NO_PAIRS, Level
 from pipeline.core.io import atomic_write
 
 HNSW_ABOVE = 4096  # more centroids than this: assign through an HNSW graph (flat search costs a row O(centroids))
@@ -71,124 +67,83 @@ def assign(x: np.ndarray, centroids: np.ndarray, probes: int, chunk_rows: int = 
     return out
 
 
-def bucket_members(assigned: np.ndarray, n_buckets: int) -> tuple[np.ndarray, np.ndarray]:
-    """From a part's (n, k) bucket ids: (n_buckets + 1,) offsets and the part's local rows sorted by
-    bucket (each row once per bucket, however many of its k columns name it)."""
-    rows = np.repeat(np.arange(len(assigned), dtype=np.int64), assigned.shape[1])
-    key = np.unique(assigned.ravel().astype(np.int64) * max(1, len(assigned)) + rows)
-    bucket = key // max(1, len(assigned))
-    return np.searchsorted(bucket, np.arange(n_buckets + 1)), (key % max(1, len(assigned)))
-
-
-def task_ranges(counts: np.ndarray, task_rows: int) -> list[tuple[int, int]]:
-    """Consecutive bucket ranges [lo, hi) of at most ``task_rows`` members each (a bigger bucket alone)."""
-    ranges, lo, total = [], 0, 0
-    for b, c in enumerate(counts.tolist()):
-        if total and total + c > task_rows:
-            ranges.append((lo, b))
-            lo, total = b, 0
-        total += c
-    if lo < len(counts):
-        ranges.append((lo, len(counts)))
-    return ranges
-
-
-def components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Connected components of ``pairs`` over n items: (n,) the smallest index of each item's group."""
-    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    graph = scipy.sparse.coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    _, label = scipy.sparse.csgraph.connected_components(graph, directed=False)
-    _, first = np.unique(label, return_index=True)  # labels are 0..c-1; the first occurrence is the smallest index
-    return first[label].astype(np.int64)
-
-
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-class Bucketed:
-    """One bucketed pair search over parts (arrays or memmaps, items in global order) as resumable
-    tasks whose outputs are files in ``workdir``: ``train()``, then ``assign(p)`` for every part, then
-    ``pairs(t)`` for every task of ``tasks()``, then ``merge()``. A task whose file exists is done.
 
-    ``keys(chunk)`` gives the vectors an item is bucketed by (several: an item joins the buckets
-    of each); ``find_pairs(members)`` gives the (local, local) pairs among a bucket's stacked items."""
+class BucketLevel(Level):
+    """A level whose pairs lie within buckets of a k-means quantiser over ``keys`` of an array kind.
 
-    def __init__(self, parts: Sequence[np.ndarray], workdir: str, *, n_buckets: int, probes: int, sample: int,
-                 task_rows: int, keys: Callable[[np.ndarray], list[np.ndarray]],
-                 find_pairs: Callable[[np.ndarray], np.ndarray], chunk_rows: int = 65536, seed: int = 0):
-        self.parts, self.workdir, self.n_buckets = parts, workdir, max(1, n_buckets)
-        self.probes, self.sample, self.task_rows, self.chunk_rows, self.seed = probes, sample, task_rows, chunk_rows, seed
-        self.keys, self.find_pairs = keys, find_pairs
-        self.offsets = np.cumsum([0, *map(len, parts)])
-        os.makedirs(workdir, exist_ok=True)
+    A subclass names ``kind`` ("embed" | "thumbs"), ``n_keys`` (key vectors per row) and implements
+    ``keys(x) -> [(m, d) float32] * n_keys``, ``settings() -> (bucket size, probes, sample)`` and
+    ``find_pairs(x) -> (p, 2)`` local pairs among one bucket's rows (in row order)."""
 
-    def _path(self, name: str) -> str:
-        return os.path.join(self.workdir, name)
+    kind: str
+    n_keys = 1
+    has_prepare = True
+    chunk_rows = 65536
 
-    def train(self) -> None:
-        if os.path.exists(self._path("centroids.npy")):
-            return
-        rows = sample_rows([len(p) for p in self.parts], self.sample, self.seed)
-        sample = np.concatenate([self.keys(part[r])[0] for part, r in zip(self.parts, rows) if len(r)])
-        _save(self._path("centroids.npy"), train(sample, self.n_buckets, self.seed))
+    @property
+    def fanout(self) -> float:
+        return self.n_keys * self.settings()[1]
 
-    def assign(self, p: int) -> None:
-        if os.path.exists(self._path(f"members-{p}.rows.npy")):
-            return
-        centroids, part = np.load(self._path("centroids.npy")), self.parts[p]
-        chunks = []
-        for start in range(0, len(part), self.chunk_rows):
-            keys = self.keys(part[start : start + self.chunk_rows])
-            chunks.append(np.hstack([assign(k, centroids, self.probes, self.chunk_rows) for k in keys]))
-        assigned = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.int32)
-        offsets, rows = bucket_members(assigned, len(centroids))
-        _save(self._path(f"members-{p}.offsets.npy"), offsets)
-        _save(self._path(f"members-{p}.rows.npy"), rows)  # the done marker: written last
+    def settings(self) -> tuple[int, int, int]:
+        raise NotImplementedError
 
-    def _members(self, p: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.load(self._path(f"members-{p}.offsets.npy")), np.load(self._path(f"members-{p}.rows.npy"), mmap_mode="r")
+    def keys(self, x: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
 
-    def tasks(self) -> np.ndarray:
-        """(tasks, 2) bucket ranges, computed once from every part's bucket sizes."""
-        path = self._path("tasks.npy")
-        if not os.path.exists(path):
-            counts = sum(np.diff(self._members(p)[0]) for p in range(len(self.parts)))
-            _save(path, np.array(task_ranges(np.asarray(counts), self.task_rows), np.int64).reshape(-1, 2))
-        return np.load(path)
+    def find_pairs(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
-    def pairs(self, t: int) -> None:
-        path = self._path(f"pairs-{t}.npy")
-        if os.path.exists(path):
-            return
-        lo, hi = self.tasks()[t]
-        members, found = [self._members(p) for p in range(len(self.parts))], []
-        for b in range(lo, hi):
-            ids, items = [], []
-            for p, (offsets, part_rows) in enumerate(members):
-                rows = np.asarray(part_rows[offsets[b] : offsets[b + 1]])
-                ids.append(rows + self.offsets[p])
-                items.append(self.parts[p][rows])
-            ids = np.concatenate(ids)
-            if len(ids) > 1:
-                found.append(ids[self.find_pairs(np.concatenate(items))])
-        _save(path, np.concatenate(found) if found else np.zeros((0, 2), np.int64))
+    @property
+    def _centroids(self) -> str:
+        return f"{self.ctx.folder}/centroids.npy"
 
-    def merge(self) -> np.ndarray:
-        """(n,) each item's group root: the first item of its group."""
-        pairs = [np.load(self._path(f"pairs-{t}.npy")) for t in range(len(self.tasks()))]
-        return components(int(self.offsets[-1]), np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64))
+    def prepare(self) -> None:
+        size, _, sample = self.settings()
+        counts = [self.ctx.alive(p).num_rows for p in range(self.ctx.parts)]
+        chunks, rows = [np.zeros((0, 1), np.float32)], [np.zeros(0, np.int64)]
+        for p, picked in enumerate(sample_rows(counts, sample)):
+            if len(picked):
+                alive = self.ctx.alive(p)
+                chunks.append(self.keys(np.asarray(self.ctx.arrays(p, self.kind)[alive["index"].to_numpy()[picked]]))[0])
+                rows.append(alive["row"].to_numpy()[picked])
+        x = np.concatenate(chunks[1:]) if len(chunks) > 1 else chunks[0]
+        x = x[np.argsort(np.concatenate(rows), kind="stable")]  # in input order, whatever the parts: k-means' seeding depends on it
+        with atomic_write(self._centroids) as f:
+            np.save(f, train(x, sum(counts) // size))
 
-    def run(self) -> np.ndarray:
-        """Every task in order, in this process."""
-        self.train()
-        for p in range(len(self.parts)):
-            self.assign(p)
-        for t in range(len(self.tasks())):
-            self.pairs(t)
-        return self.merge()
+    def map(self, part: int, table: pa.Table) -> dict[int, pa.Table]:
+        centroids, probes = np.load(self._centroids), self.settings()[1]
+        index, array = table["index"].to_numpy(), self.ctx.arrays(part, self.kind)
+        assigned = [np.zeros((0, self.n_keys * min(probes, len(centroids))), np.int32)]
+        for start in range(0, len(index), self.chunk_rows):
+            keys = self.keys(np.asarray(array[index[start : start + self.chunk_rows]]))
+            assigned.append(np.hstack([assign(k, centroids, probes, self.chunk_rows) for k in keys]))
+        assigned = np.concatenate(assigned)
+        position = np.repeat(np.arange(len(index)), assigned.shape[1])
+        key = np.unique(assigned.ravel().astype(np.int64) * max(1, len(index)) + position)  # each (bucket, row) once
+        bucket, position = key // max(1, len(index)), key % max(1, len(index))
+        out = pa.table({"row": table["row"].take(position), "part": table["part"].take(position),
+                        "index": pa.array(index[position]), "bucket": pa.array(bucket.astype(np.int32))})
+        partition = bucket % self.partitions
+        return {int(p): out.filter(pa.array(partition == p)) for p in np.unique(partition)}
 
-
-def _save(path: str, array: np.ndarray) -> None:
-    with atomic_write(path) as f:  # a killed task leaves no file that looks done
-        np.save(f, array)
+    def reduce(self, partition: int, table: pa.Table) -> np.ndarray:
+        table = table.sort_by([("bucket", "ascending"), ("row", "ascending")])
+        row, part, index, bucket = (table[c].to_numpy() for c in ("row", "part", "index", "bucket"))
+        bounds = np.flatnonzero(np.diff(bucket)) + 1
+        found = [NO_PAIRS]
+        for lo, hi in zip([0, *bounds], [*bounds, len(bucket)]):
+            if hi - lo < 2:
+                continue
+            members = None
+            for p in np.unique(part[lo:hi]):  # only this bucket's rows, part by part, placed in row order
+                mine = np.flatnonzero(part[lo:hi] == p)
+                x = np.asarray(self.ctx.arrays(int(p), self.kind)[index[lo:hi][mine]])
+                members = np.empty((hi - lo, *x.shape[1:]), x.dtype) if members is None else members
+                members[mine] = x
+            found.append(row[lo:hi][self.find_pairs(members)])
+        return np.concatenate(found).astype(np.int64)

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Sequence
 
 import faiss
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-
-from filter.buckets import Bucketed
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -33,12 +30,11 @@ class PixelMatchConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class PixelDedupeConfig(PixelMatchConfig):
-    # Pairs are sought within buckets (an IVF index cut into tasks, see filter/buckets.py): n / bucket_size
-    # k-means buckets of the descriptors; each image joins the nearest `probes` of its own and of its mirror's.
+    # Dedupe seeks pairs within buckets (an IVF index cut into tasks, filter/pixel_dedupe.py): rows / bucket_size
+    # k-means cells of the descriptors; each image joins the nearest `probes` of its own and of its mirror's.
     bucket_size: int = 20000  # the kNN inside a bucket is exact: a row's cost grows with this, recall too
     probes: int = 1
-    sample: int = 262144  # k-means training rows (a fixed seeded sample)
-    task_rows: int = 100000  # bucket members per task (buckets grouped up to this): bounds a task's memory
+    sample: int = 262144  # k-means training rows (a fixed seeded sample: every row when there are fewer)
 
 
 def thumbnail(image: bytes | Image.Image, cfg: PixelMatchConfig) -> np.ndarray:
@@ -110,11 +106,17 @@ def matching_pairs(queries: np.ndarray, base: np.ndarray, cfg: PixelMatchConfig,
     return pairs[same]
 
 
-def level(parts: Sequence[np.ndarray], cfg: PixelDedupeConfig, workdir: str) -> Bucketed:
-    """The pixel dedupe level's tasks over ``parts`` ((n_p, size, size) uint8 thumbnails, e.g. memmaps):
-    within each bucket, every image's ``neighbours`` nearest by descriptor (as is and mirrored),
-    confirmed by :func:`aligned_rms`."""
-    n = sum(map(len, parts))
-    return Bucketed(parts, workdir, n_buckets=n // cfg.bucket_size, probes=cfg.probes, sample=cfg.sample,
-                    task_rows=cfg.task_rows, keys=lambda t: [descriptor(t), descriptor(t[:, :, ::-1])],
-                    find_pairs=lambda t: matching_pairs(t, t, cfg, exclude_self=True))
+def groups(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected components of ``pairs`` over n items: (n,) the smallest index of each item's group."""
+    parent = np.arange(n)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    return np.array([root(i) for i in range(n)])

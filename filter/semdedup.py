@@ -1,34 +1,39 @@
-"""SemDeDup at scale: the embedding level as bucketed tasks over memory-mapped float16 parts.
+"""The embedding dedupe level (SemDeDup) as bucketed tasks over memory-mapped float16 parts.
 
-k-means (``n / cluster_size`` centroids) is trained on a fixed-size sample, each item joins its
-nearest ``probes`` clusters, and a task per group of clusters loads only its members and keeps the
-pairs whose cosine passes ``threshold`` (and, with ``margin``, beats both items' k-th neighbour
-by it). Embeddings stay float16 on disk and in memory; only a cluster's members and one block of
-its similarity rows are ever float32.
+k-means (``rows / cluster_size`` centroids) is trained on a fixed-size sample, each row joins its
+nearest ``probes`` clusters, and a reduce task loads one cluster's members at a time and keeps
+the pairs whose cosine passes ``threshold`` (and, with ``margin``, beats both items' k-th
+neighbour by it). Embeddings stay float16 on disk; only one cluster's members and a block of its
+similarity rows are ever float32.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 
-from filter.buckets import Bucketed
+from filter.buckets import BucketLevel
+from filter.dedupe import LEVELS
 
 
-def level(parts: Sequence[np.ndarray], cfg, workdir: str) -> Bucketed:
-    """The level's tasks over ``parts`` ((n_p, d) float16 unit embeddings, e.g. memmaps) under ``cfg``
-    (an EmbeddingDedupeConfig)."""
-    n = sum(map(len, parts))
-    return Bucketed(parts, workdir, n_buckets=n // cfg.cluster_size, probes=cfg.probes, sample=cfg.sample,
-                    task_rows=cfg.task_rows, keys=lambda chunk: [np.asarray(chunk, np.float32)],
-                    find_pairs=lambda x: cluster_pairs(x, cfg))
+@LEVELS.register("embedding")
+class Embedding(BucketLevel):
+    reason, kind = "semantic_dup", "embed"
+
+    def settings(self) -> tuple[int, int, int]:
+        c = self.ctx.cfg.embedding
+        return c.cluster_size, c.probes, c.sample
+
+    def keys(self, x: np.ndarray) -> list[np.ndarray]:
+        return [np.asarray(x, np.float32)]
+
+    def find_pairs(self, x: np.ndarray) -> np.ndarray:
+        return cluster_pairs(x, self.ctx.cfg.embedding)
 
 
 def cluster_pairs(x: np.ndarray, cfg) -> np.ndarray:
-    """(p, 2) pairs (i < j) of rows of ``x`` (one cluster's embeddings) that are copies, computed
-    ``cfg.block_rows`` similarity rows at a time."""
+    """(p, 2) pairs (i < j) of rows of ``x`` (one cluster's embeddings) that are copies under ``cfg``
+    (an EmbeddingDedupeConfig), computed ``cfg.block_rows`` similarity rows at a time."""
     x = torch.from_numpy(np.asarray(x, np.float32))
     m, k = len(x), cfg.background_k
     if m < 2:
