@@ -8,8 +8,9 @@ by the tasks as memmaps), with planted copies of earlier rows (anywhere in the d
 - ``pixel``: 28x28 grey thumbnails (blurred random fields, then blurred as filter.near_dup.thumbnail
   does); 1% planted copies, in turn re-encoded as JPEG (quality 75), shifted by a pixel, mirrored.
 
-Each level runs as its task graph (train once on a fixed-size sample, assign per part, pairs per
-group of buckets, merge) on a process pool of ``--workers``, a fresh process per task. Per level:
+Each level runs as the dedupe step's tasks (filter/dedupe.py's Level: prepare = k-means on a
+fixed-size sample, map per part = assignment, reduce per partition = pairs bucket by bucket,
+merge = connected components) on a process pool of ``--workers``, a fresh process per task. Per level:
 wall time, the largest task's peak RSS (ru_maxrss, the imported libraries included), CPU seconds
 per row over all tasks, recall of the planted copies (removed, and joined to the row they copy)
 and the false-positive rate (rows removed though they copy nothing in their group, per row).
@@ -30,14 +31,15 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 import scipy.ndimage
 from PIL import Image
 
 from benchmarks.measure import stdout_to_stderr
-from filter import near_dup, semdedup
-from filter.buckets import components
+from filter.dedupe import LEVELS, NO_PAIRS, DedupeConfig, LevelContext
 from pipeline.build_shards import BuildConfig
 from pipeline.core import config
+from pipeline.core.partition import components, read_partition, write_partitioned
 
 
 def _parts(n: int, part_rows: int) -> list[tuple[int, int]]:
@@ -123,42 +125,60 @@ def synthetic_thumbs(root: str, n: int, part_rows: int, size: int = 28, rate: fl
     return _write_parts(root, n, part_rows, raw, copies, source, vary, finish=_blur), copies, source
 
 
-LEVELS = {"embedding": (synthetic_embeddings, semdedup.level, "embedding"), "pixel": (synthetic_thumbs, near_dup.level, "pixel")}
+SYNTH = {"embedding": synthetic_embeddings, "pixel": synthetic_thumbs}
+KIND = {"embedding": "embed", "pixel": "thumbs"}
+
+
+def level_tasks(level: str, paths: list[str], part_rows: int, cfg: DedupeConfig, folder: str):
+    """The level over the part files, as the dedupe step builds it (alive = every row; row = global position)."""
+    def alive(p: int) -> pa.Table:
+        rows = len(np.load(paths[p], mmap_mode="r"))
+        return pa.table({"row": np.arange(rows) + p * part_rows, "part": np.full(rows, p), "index": np.arange(rows)})
+
+    arrays = lambda p, kind: np.load(paths[p], mmap_mode="r")
+    return LEVELS.build(level, LevelContext(cfg, len(paths), part_rows * len(paths), folder, arrays, alive))
 
 
 def _task(args) -> tuple[float, float]:
-    """One task in a fresh process: (peak RSS GiB, CPU seconds)."""
-    level, paths, cfg, workdir, phase, i = args
-    graph = LEVELS[level][1]([np.load(p, mmap_mode="r") for p in paths], cfg, workdir)
-    getattr(graph, phase)(*([] if i is None else [i]))
+    """One task in a fresh process, as the framework runs it: (peak RSS GiB, CPU seconds)."""
+    level, paths, part_rows, cfg, folder, phase, i = args
+    lvl = level_tasks(level, paths, part_rows, cfg, folder)
+    if phase == "prepare":
+        lvl.prepare()
+    elif phase == "map":
+        write_partitioned(f"{folder}/map/{i:06d}.parquet", lvl.map(i, lvl.ctx.alive(i)))
+    else:
+        table = read_partition([f"{folder}/map/{p:06d}.parquet" for p in range(len(paths))], i)
+        np.save(f"{folder}/pairs-{i:06d}.npy", NO_PAIRS if table is None else lvl.reduce(i, table))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_maxrss / 2**20, usage.ru_utime + usage.ru_stime
 
 
-def run(level: str, n: int, part_rows: int, cfg, workers: int, root: str) -> dict:
-    """Synthesise, run the level's task graph, score it."""
+def run(level: str, n: int, part_rows: int, cfg: DedupeConfig, workers: int, root: str) -> dict:
+    """Synthesise, run the level's tasks (prepare, map per part, reduce per partition, merge), score it."""
     start = time.perf_counter()
     os.makedirs(os.path.join(root, "parts"))
-    paths, copies, source = LEVELS[level][0](os.path.join(root, "parts"), n, part_rows)
+    paths, copies, source = SYNTH[level](os.path.join(root, "parts"), n, part_rows)
     synth_s = time.perf_counter() - start
-    workdir = os.path.join(root, "work")
-    graph = LEVELS[level][1]([np.load(p, mmap_mode="r") for p in paths], cfg, workdir)
+    folder = os.path.join(root, "level")
+    partitions = level_tasks(level, paths, part_rows, cfg, folder).partitions
     phases, stats = {}, []
     start = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(workers, maxtasksperchild=1) as pool:
-        for phase, count in (("train", None), ("assign", len(paths)), ("pairs", -1)):
-            count = len(graph.tasks()) if count == -1 else count
+        for phase, count in (("prepare", 1), ("map", len(paths)), ("reduce", partitions)):
             t = time.perf_counter()
-            args = [(level, paths, cfg, workdir, phase, i) for i in ([None] if count is None else range(count))]
-            got = pool.map(_task, args, chunksize=1)
+            got = pool.map(_task, [(level, paths, part_rows, cfg, folder, phase, i) for i in range(count)], chunksize=1)
             stats += got
             phases[phase] = {"tasks": len(got), "seconds": round(time.perf_counter() - t, 1),
                              "max_rss_gib": round(max(r for r, _ in got), 3), "cpu_s": round(sum(c for _, c in got), 1)}
     t = time.perf_counter()
-    root_of = graph.merge()
+    nodes, group_root = components(np.concatenate([np.load(f"{folder}/pairs-{i:06d}.npy") for i in range(partitions)]))
+    root_of = np.arange(n)
+    root_of[nodes] = group_root
     phases["merge"] = {"tasks": 1, "seconds": round(time.perf_counter() - t, 1)}
     wall = time.perf_counter() - start
-    truth = components(n, np.stack([copies, source], 1))
+    truth = np.arange(n)
+    truth[copies] = source  # sources are never copies: a copy's group is its source
     removed = np.flatnonzero(root_of != np.arange(n))
     right = truth[removed] == truth[root_of[removed]]
     is_copy = np.zeros(n, bool)
@@ -170,22 +190,24 @@ def run(level: str, n: int, part_rows: int, cfg, workers: int, root: str) -> dic
             "planted_copies": len(copies), "removed": len(removed),
             "recall": round(float(is_copy[removed[right]].sum() / len(copies)), 4),
             "false_positive_rate": float((~right).sum() / n),
-            "config": config.to_dict(cfg)}
+            "config": config.to_dict(getattr(cfg, level)), "partition_rows": cfg.partition_rows}
 
 
-def level_config(level: str, **overrides):
-    """configs/data/default.yaml's settings for the level, with ``overrides``."""
-    cfg = getattr(config.load(BuildConfig, config.CONFIG_ROOT / "data" / "default.yaml").dedupe, LEVELS[level][2])
-    return dataclasses.replace(cfg, **overrides)
+def level_config(level: str, partition_rows: int | None = None, **overrides) -> DedupeConfig:
+    """configs/data/default.yaml's dedupe settings, with ``overrides`` of the level's section."""
+    cfg = config.load(BuildConfig, config.CONFIG_ROOT / "data" / "default.yaml").dedupe
+    cfg = dataclasses.replace(cfg, **{level: dataclasses.replace(getattr(cfg, level), **overrides)})
+    return dataclasses.replace(cfg, partition_rows=partition_rows) if partition_rows else cfg
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--level", choices=sorted(LEVELS), required=True)
+    parser.add_argument("--level", choices=sorted(SYNTH), required=True)
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--part-rows", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="faiss/torch threads per task")
+    parser.add_argument("--partition-rows", type=int, default=None, help="records per reduce task (default: the config's)")
     parser.add_argument("--set", nargs="*", default=[], help="level config overrides, e.g. cluster_size=2000 probes=1")
     parser.add_argument("--tmp", default=None, help="where the parts are written (default: the system temp dir)")
     args = parser.parse_args()
@@ -195,9 +217,11 @@ def main() -> None:
 
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    overrides = {k: type(getattr(level_config(args.level), k))(v) for k, v in (s.split("=", 1) for s in args.set)}
+    section = getattr(level_config(args.level), args.level)
+    overrides = {k: type(getattr(section, k))(v) for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = level_config(args.level, args.partition_rows, **overrides)
     with stdout_to_stderr(), tempfile.TemporaryDirectory(dir=args.tmp) as root:
-        result = run(args.level, args.n, args.part_rows, level_config(args.level, **overrides), args.workers, root)
+        result = run(args.level, args.n, args.part_rows, cfg, args.workers, root)
     print(json.dumps({**result, "threads": args.threads, "loadavg": os.getloadavg(), "cpus": os.cpu_count()}, indent=2))
 
 
