@@ -27,7 +27,7 @@ EXECUTORS: Registry = Registry("executor")
 @dataclasses.dataclass(kw_only=True)
 class ExecutorConfig:
     name: str = "local"  # local: a process pool on this machine; ray: a Ray cluster
-    workers: int = 0  # local: processes at once (0: one per CPU); 1 runs the tasks in this process
+    workers: int = 1  # local: processes at once (0: one per CPU); 1 runs the tasks in this process (no pool to start)
     ray_address: str = ""  # ray: a running cluster ("" -> $RAY_ADDRESS, else a local one on 127.0.0.1)
     ray_cpus_per_task: float = 1.0
     retries: int = 3  # ray: a task whose worker died runs again, up to this many times
@@ -61,6 +61,7 @@ class Local:
         if self.pool is None or self.fresh_process:
             self.close()
             context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([getattr(fn, "func", fn).__module__])  # imported once, not per worker
             self.pool = concurrent.futures.ProcessPoolExecutor(
                 self.cfg.workers or os.cpu_count(), mp_context=context, max_tasks_per_child=1 if self.fresh_process else None)
         return list(self.pool.map(measured, [fn] * len(tasks), tasks))
