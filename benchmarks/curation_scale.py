@@ -28,6 +28,7 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
+from benchmarks import dedupe_scale
 from pipeline import build_shards
 from pipeline.core import config
 from pipeline.core.executors import Local
@@ -58,6 +59,19 @@ def _phash(rng, columns, originals, copies, layout, parts):
         flips |= np.where(rng.random(len(copies)) < 0.7, np.uint64(1) << rng.integers(0, 64, len(copies)).astype(np.uint64), 0).astype(np.uint64)
     columns["phash"][copies] = columns["phash"][originals] ^ flips
     columns["phash_mirror"][copies] = columns["phash_mirror"][originals] ^ flips
+
+
+@SYNTH.register("pixel")
+def _pixel(rng, columns, originals, copies, layout, parts):
+    rows = len(columns["uid"])  # thumbnails with re-encoded, shifted and mirrored copies (benchmarks/dedupe_scale.py)
+    dedupe_scale.synthetic_thumbs(lambda p: layout.step("dedupe", p, ".thumbs.npy"), rows, -(-rows // parts), planted=(copies, originals))
+
+
+@SYNTH.register("embedding")
+def _embedding(rng, columns, originals, copies, layout, parts):
+    rows = len(columns["uid"])  # 512-d float16, copies at cosine ~0.975 (the default threshold is 0.95)
+    dedupe_scale.synthetic_embeddings(lambda p: layout.step("dedupe", p, ".embed.npy"), rows, -(-rows // parts), noise=0.01,
+                                      planted=(copies, originals))
 
 
 def digests(rng, n: int, nbytes: int) -> np.ndarray:

@@ -54,12 +54,13 @@ def _plant(n: int, rate: float, rng) -> tuple[np.ndarray, np.ndarray]:
     return copies, source
 
 
-def _write_parts(root: str, n: int, part_rows: int, make, copies, source, vary, finish=None) -> list[str]:
-    """Parts from ``make(rng, rows)``; then each copy row overwritten by ``vary(rng, source rows, copy rows)``;
-    then each part through ``finish``."""
+def _write_parts(root, n: int, part_rows: int, make, copies, source, vary, finish=None) -> list[str]:
+    """Parts (files ``root/{part}.npy``, or ``root(part)``) from ``make(rng, rows)``; then each copy row
+    overwritten by ``vary(rng, source rows, copy rows)``; then each part through ``finish``."""
     paths = []
     for p, (lo, hi) in enumerate(_parts(n, part_rows)):
-        paths.append(os.path.join(root, f"{p:05d}.npy"))
+        paths.append(root(p) if callable(root) else os.path.join(root, f"{p:05d}.npy"))
+        os.makedirs(os.path.dirname(paths[-1]), exist_ok=True)
         np.save(paths[-1], make(np.random.default_rng([1, p]), hi - lo))
     parts = [np.load(path, mmap_mode="r+") for path in paths]
     at = lambda rows: [parts[r // part_rows][r % part_rows] for r in rows]
@@ -75,8 +76,10 @@ def _write_parts(root: str, n: int, part_rows: int, make, copies, source, vary, 
     return paths
 
 
-def synthetic_embeddings(root: str, n: int, part_rows: int, dim: int = 512, rate: float = 0.01, seed: int = 0):
-    """Part files of (rows, dim) float16 unit embeddings; the planted (copies, sources)."""
+def synthetic_embeddings(root, n: int, part_rows: int, dim: int = 512, rate: float = 0.01, seed: int = 0,
+                         noise: float = 0.015, planted: tuple | None = None):
+    """Part files of (rows, dim) float16 unit embeddings; the planted (copies, sources), drawn here
+    unless given. A copy is its source plus ``noise`` per dimension: cosine ~0.95 at 0.015, ~0.975 at 0.01."""
     centres = np.random.default_rng(seed).standard_normal((max(1, n // 50), dim), dtype=np.float32)
 
     def unit(x):
@@ -90,9 +93,9 @@ def synthetic_embeddings(root: str, n: int, part_rows: int, dim: int = 512, rate
         return out
 
     def vary(rng, x, rows):
-        return unit(x.astype(np.float32) + 0.015 * rng.standard_normal(x.shape, dtype=np.float32))
+        return unit(x.astype(np.float32) + noise * rng.standard_normal(x.shape, dtype=np.float32))
 
-    copies, source = _plant(n, rate, np.random.default_rng(seed + 1))
+    copies, source = planted or _plant(n, rate, np.random.default_rng(seed + 1))
     return _write_parts(root, n, part_rows, make, copies, source, vary), copies, source
 
 
@@ -100,7 +103,7 @@ def _blur(x: np.ndarray) -> np.ndarray:
     return scipy.ndimage.gaussian_filter(x.astype(np.float32), (0, 1, 1)).round().clip(0, 255).astype(np.uint8)
 
 
-def synthetic_thumbs(root: str, n: int, part_rows: int, size: int = 28, rate: float = 0.01, seed: int = 0):
+def synthetic_thumbs(root, n: int, part_rows: int, size: int = 28, rate: float = 0.01, seed: int = 0, planted: tuple | None = None):
     """Part files of (rows, size, size) uint8 thumbnails, blurred after the copies are made from the
     originals (as thumbnail() blurs every image it reads); the planted (copies, sources)."""
     def raw(rng, rows):
@@ -121,7 +124,7 @@ def synthetic_thumbs(root: str, n: int, part_rows: int, size: int = 28, rate: fl
                 out[i] = x[i, :, ::-1]
         return out
 
-    copies, source = _plant(n, rate, np.random.default_rng(seed + 1))
+    copies, source = planted or _plant(n, rate, np.random.default_rng(seed + 1))
     return _write_parts(root, n, part_rows, raw, copies, source, vary, finish=_blur), copies, source
 
 
