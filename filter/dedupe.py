@@ -4,8 +4,8 @@ Levels (run in the configured order, each on what the previous ones kept):
 - ``rows``: the same uid twice (the same url and caption listed again) -> duplicate_row
 - ``exact``: the same sha256 of the downloaded bytes -> exact_dup
 - ``phash``: photos within a few bits of pHash, banded to scale (see filter/phash.py) -> near_dup
-- ``pixel``: the same picture re-encoded, resized, shifted or mirrored (see filter/near_dup.py) -> near_dup
-- ``embedding``: SemDeDup: k-means over image embeddings, then pairs within a cluster whose cosine
+- ``pixel``: the same picture re-encoded, resized, shifted or mirrored (filter/near_dup.py; bucketed: filter/pixel_dedupe.py) -> near_dup
+- ``embedding``: SemDeDup (filter/semdedup.py): k-means over image embeddings, then pairs within a cluster whose cosine
   passes ``threshold`` (and, optionally, beats each item's k-th neighbour by ``margin``, a
   copy-detection style normalisation that keeps look-alike classes apart) -> semantic_dup
 - ``caption``: the same normalised caption -> caption_dup (off by default: templated captions repeat)
