@@ -8,6 +8,7 @@ SIGKILLed mid-task (as it renames its first output): Ray retries it in a new wor
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ OVERRIDES = ["steps=[clip_score,dedupe]", "clip_score.fraction=0.9", "dedupe.lev
 def cluster():
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # pytest's module name is not importable in workers
     yield
     ray.shutdown()
 
