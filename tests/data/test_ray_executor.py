@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a Ray cluster start and ~60 tasks: minutes on 2 cores
 ray = pytest.importorskip("ray")
 
 from benchmarks.curation_scale import synthesise  # noqa: E402
