@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -87,7 +88,7 @@ def to_hex(digests: np.ndarray) -> pa.Array:
     return pa.StringArray.from_buffers(len(digests), pa.py_buffer(offsets.tobytes()), pa.py_buffer(chars.tobytes()))
 
 
-def synthesise(root: str, rows: int, part_size: int, levels: list[str], rate: float, seed: int = 0) -> dict:
+def synthesise(root: str, rows: int, part_size: int, levels: list[str], rate: float, seed: int = 0, tars: bool = True) -> dict:
     """Write the layout; return the planted copies per level (row arrays)."""
     rng, layout = np.random.default_rng(seed), Layout(root)
     parts = -(-rows // part_size)
@@ -116,6 +117,8 @@ def synthesise(root: str, rows: int, part_size: int, levels: list[str], rate: fl
         write_parquet(layout.step("dedupe", part), pa.table({
             "row": row, "reason": blank, "uid": uid[lo:hi], "sha256": to_hex(columns["sha256"][lo:hi]), "caption_norm": blank,
             "phash": columns["phash"][lo:hi], "phash_mirror": columns["phash_mirror"][lo:hi]}))
+        if not tars:
+            continue
         uids = uid[lo:hi].to_pylist()
         write_tar(layout.download(part, ".tar"), ((f"{i:09d}.{ext}", data) for i, u in zip(row.tolist(), uids) for ext, data in
                                                    (("jpg", b"\xff\xd8"), ("txt", b""), ("json", b'{"row": %d, "uid": "%s"}' % (i, u.encode())))))
@@ -164,12 +167,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--fraction", type=float, default=0.9, help="clip_score's top fraction")
     parser.add_argument("--dir", default="", help="work folder (default: a temporary one)")
+    parser.add_argument("--tars", action="store_true", help="write download tars and run reshard/shards (Python tar writing dominates the synthesis)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     levels = args.levels.split(",")
     with tempfile.TemporaryDirectory(dir=args.dir or None) as root:
         start = time.perf_counter()
-        planted = synthesise(root, args.rows, args.part_size, levels, args.rate)
+        planted = synthesise(root, args.rows, args.part_size, levels, args.rate, tars=args.tars)
         synth_s = time.perf_counter() - start
         cfg = config.load(build_shards.BuildConfig, None, ["steps=[clip_score,dedupe]", f"clip_score.fraction={args.fraction}",
                                                            f"dedupe.levels=[{','.join(levels)}]", f"executor.workers={args.workers}",
@@ -179,7 +183,8 @@ def main() -> None:
         usage = []
         try:
             for stage in ("clip_score", "dedupe", "reshard"):
-                usage += build.run_dataset(stage, executor)
+                usage += build.run_dataset(stage, executor, skip=() if args.tars else ("reshard/shards",))
+                print(json.dumps(summarise(usage, args.rows)), file=sys.stderr, flush=True)
         finally:
             executor.close()
         stats = json.loads(open(f"{root}/stats.json").read())

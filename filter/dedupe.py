@@ -207,20 +207,22 @@ class Phash(Level):
             mine = np.flatnonzero(col["band"] == band)
             # same band value together, similar hashes side by side; ties in the order the whole-pool search had
             order = mine[np.lexsort((col["row"][mine], col["orient"][mine], col["flat"][mine], col["key"][mine]))]
-            key, row = col["key"][order], col["row"][order]
+            key, row, h0, h1 = (col[c][order] for c in ("key", "row", "h0", "h1"))
             for offset in range(1, min(self.ctx.cfg.phash.window, len(order) - 1) + 1):
                 same = np.flatnonzero(key[:-offset] == key[offset:])
                 if len(same) == 0:
                     break
-                found.append(np.stack([row[same], row[same + offset]], 1))
+                found.append(self._matches(row, h0, h1, same, same + offset))  # candidates tested at once: memory ~ matches
         if not found:
             return NO_PAIRS
-        pairs = np.concatenate(found)
-        pairs = np.unique(np.sort(pairs[pairs[:, 0] != pairs[:, 1]], axis=1), axis=0)
-        rows, first = np.unique(col["row"], return_index=True)
-        a, b = first[np.searchsorted(rows, pairs[:, 0])], first[np.searchsorted(rows, pairs[:, 1])]
-        distance = np.minimum(phash.hamming(col["h0"][a], col["h0"][b]), phash.hamming(col["h0"][a], col["h1"][b]))
-        return pairs[distance <= self.ctx.cfg.phash.max_distance]
+        return np.unique(np.concatenate(found), axis=0)
+
+    def _matches(self, row, h0, h1, i, j) -> np.ndarray:
+        """The candidates (i, j) within ``max_distance``, as (smaller row, larger row) pairs."""
+        swap = row[i] > row[j]
+        a, b = np.where(swap, j, i), np.where(swap, i, j)  # measured from the earlier row, as the whole-pool search did
+        keep = (row[a] != row[b]) & (np.minimum(phash.hamming(h0[a], h0[b]), phash.hamming(h0[a], h1[b])) <= self.ctx.cfg.phash.max_distance)
+        return np.stack([row[a][keep], row[b][keep]], 1)
 
 
 @dataclasses.dataclass

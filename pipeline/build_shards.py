@@ -130,10 +130,10 @@ class Build:
             raise ValueError(f"unknown phase {name!r}; `--plan` lists them")
         return found[0]
 
-    def run_dataset(self, stage: str, executor) -> list[dict]:
-        """Every dataset-wide phase of ``stage``, one after the other, each phase's tasks on ``executor``."""
+    def run_dataset(self, stage: str, executor, skip: tuple[str, ...] = ()) -> list[dict]:
+        """Every dataset-wide phase of ``stage`` (but ``skip``), one after the other, each phase's tasks on ``executor``."""
         usage = []
-        for name in [p.name for p in self.phases(stage)]:
+        for name in [p.name for p in self.phases(stage) if p.name not in skip]:
             phase = self.phase(name)  # again: a phase's task count may follow from the one before
             start = time.perf_counter()
             tasks = executor.map(functools.partial(run_task, self.cfg, self.layout.root, name), range(phase.tasks))

@@ -86,8 +86,7 @@ class Ray:
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(num_cpus=cfg.workers or None, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-        self.remote = ray.remote(measured).options(num_cpus=cfg.ray_cpus_per_task, max_retries=cfg.retries,
-                                                    max_calls=1 if fresh_process else 0)
+        self.remote = ray.remote(num_cpus=cfg.ray_cpus_per_task, max_retries=cfg.retries, max_calls=1 if fresh_process else 0)(measured)
 
     def map(self, fn: Callable[[int], None], tasks: range) -> list[dict]:
         fn_ref = self.ray.put(fn)
