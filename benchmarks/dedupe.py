@@ -33,10 +33,11 @@ import torch
 
 from benchmarks.measure import PeakRSS, stdout_to_stderr
 from filter import StepContext
-from filter.dedupe import LEVELS, Dedupe, DedupeConfig, Features, normalize_caption
+from filter.dedupe import Dedupe, DedupeConfig, Features, normalize_caption, roots
 from pipeline.core import config
 from pipeline.build_shards import BuildConfig
 from pipeline.embedded import load_pool
+from pipeline.core.io import read_parquet, write_json, write_parquet
 from pipeline.core.log import setup_logging
 from pipeline.core.shards import Layout
 
@@ -62,7 +63,7 @@ def scale(n: int, cfg: DedupeConfig) -> dict:
     features = Features(np.arange(n), *(None,) * 6, emb)
     with PeakRSS(interval=0.02) as peak:
         start = time.perf_counter()
-        root, _ = LEVELS.get("embedding")(features, cfg)
+        root = roots("embedding", features, cfg)
         seconds = time.perf_counter() - start
     removed = np.flatnonzero(root != np.arange(n))
     hits = np.intersect1d(removed, planted).size
@@ -80,10 +81,18 @@ def pool_quality(cfg: DedupeConfig, rows: int) -> dict:
     samples = [{"row": r["id"], "uid": f"{r['id']:032x}", "image": r["content"], "caption": r["caption"], "meta": {}}
                for r in pool.select(["id", "content", "caption"]).to_pylist()]
     with tempfile.TemporaryDirectory() as tmp:
-        step = Dedupe(cfg, StepContext(Layout(tmp), "dedupe"))
+        layout = Layout(tmp)
+        write_json(layout.input_index, {"parts": 1, "part_size": len(samples)})
+        step = Dedupe(cfg, StepContext(layout, "dedupe"))
         start = time.perf_counter()
         table = step.shard(0, iter(samples))
-        reasons = np.array(step.dataset(table.append_column("part", pa.array(np.zeros(table.num_rows, np.int64)))))
+        write_parquet(layout.step("dedupe", 0), table)
+        for phase in step.phases():  # the build's dataset-wide phases, their tasks in this process
+            for task in range(phase.tasks):
+                phase.run(task)
+        decided = read_parquet(layout.decisions("dedupe", 0))
+        reasons = np.full(table.num_rows, "", dtype=object)
+        reasons[pc.index_in(decided["row"], value_set=table["row"]).to_numpy()] = decided["reason"].to_pylist()
         seconds = time.perf_counter() - start
     fault, dup_of = pool["fault"].to_numpy(zero_copy_only=False), pool["dup_of"].to_numpy()
     planted = np.isin(fault, ["near_dup", "exact_dup"]) & np.isin(dup_of, list(ids))  # copies whose original is here

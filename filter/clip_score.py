@@ -21,9 +21,9 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from filter import STEPS, Step, decisions
+from filter import STEPS, Phase, Step, decisions, dropped
 from train.encoder import load_encoder
-from pipeline.core.io import atomic_write
+from pipeline.core.io import atomic_write, exists, read_json, read_parquet, write_json, write_parquet
 from pipeline.core.log import get_logger, progress
 
 log = get_logger(__name__)
@@ -101,17 +101,96 @@ class ClipScore(Step):
         scores = (image * text).sum(-1).numpy() if rows else np.zeros(0, np.float32)
         return decisions(rows, [""] * len(rows), clip_score=pa.array(scores, pa.float32()))
 
-    def dataset(self, table: pa.Table) -> list[str]:
-        scores = table["clip_score"].to_numpy()
+    # ------------------------------------------------------------------ the dataset-wide cut
+
+    def phases(self) -> list[Phase]:
+        name, parts = self.context.name, self.context.parts
+        if self.cfg.fraction is None:
+            return [Phase(f"{name}/decide", "part", parts, self.decide)]
+        return [Phase(f"{name}/histogram", "part", parts, self.histogram), Phase(f"{name}/bin", "once", 1, self.find_bin),
+                Phase(f"{name}/candidates", "part", parts, self.candidates), Phase(f"{name}/cut", "once", 1, self.find_cut),
+                Phase(f"{name}/decide", "part", parts, self.decide)]
+
+    def _path(self, what: str) -> str:
+        return f"{self.context.layout.root}/steps/{self.context.name}/cut/{what}"
+
+    def _ranks(self, part: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row, rank) of the part's samples; ranks sort best score first (a uint32 per float32 score)."""
+        table = read_parquet(self.context.layout.step(self.context.name, part), ["row", "clip_score"])
+        return table["row"].to_numpy(), descending_rank(table["clip_score"].to_numpy())
+
+    def histogram(self, part: int) -> None:
+        """Pass 1: counts of the part's ranks by their high bits."""
+        path = self._path(f"histogram/{part:06d}.parquet")
+        if not exists(path):
+            bins, counts = np.unique(self._ranks(part)[1] >> RANK_LOW_BITS, return_counts=True)
+            write_parquet(path, pa.table({"bin": bins.astype(np.int64), "count": counts.astype(np.int64)}))
+
+    def find_bin(self, _: int = 0) -> None:
+        """The bin holding the last kept sample, and how many of that bin's samples are kept."""
+        if exists(self._path("bin.json")):
+            return
+        total = np.zeros(1 << (32 - RANK_LOW_BITS), np.int64)
+        for part in range(self.context.parts):
+            table = read_parquet(self._path(f"histogram/{part:06d}.parquet"))
+            np.add.at(total, table["bin"].to_numpy(), table["count"].to_numpy())
+        n = int(total.sum())
+        keep = math.ceil(self.cfg.fraction * n)
+        before = np.cumsum(total) - total  # samples in better bins
+        at = int(np.searchsorted(np.cumsum(total), keep)) if keep else -1
+        write_json(self._path("bin.json"), {"samples": n, "keep": keep, "bin": at, "need": keep - int(before[at]) if keep else 0})
+
+    def candidates(self, part: int) -> None:
+        """Pass 2: the part's samples in that bin."""
+        path = self._path(f"candidates/{part:06d}.parquet")
+        if not exists(path):
+            chosen = read_json(self._path("bin.json"))["bin"]
+            rows, ranks = self._ranks(part)
+            mine = (ranks >> RANK_LOW_BITS) == chosen
+            write_parquet(path, pa.table({"rank": ranks[mine].astype(np.int64), "row": rows[mine]}))
+
+    def find_cut(self, _: int = 0) -> None:
+        """The last kept (rank, row): ties in score are kept in input order, as a sort of the whole pool would."""
+        if exists(self._path("cut.json")):
+            return
+        chosen = read_json(self._path("bin.json"))
+        cut = {"rank": -1, "row": -1}
+        if chosen["keep"]:
+            table = pa.concat_tables(read_parquet(self._path(f"candidates/{p:06d}.parquet")) for p in range(self.context.parts))
+            last = table.sort_by([("rank", "ascending"), ("row", "ascending")]).slice(chosen["need"] - 1, 1).to_pylist()[0]
+            cut = {"rank": last["rank"], "row": last["row"]}
+            log.info("clip_score: top %.1f%% of %d samples -> threshold %.4f", 100 * self.cfg.fraction, chosen["samples"],
+                     score_of_rank(cut["rank"]))
+        write_json(self._path("cut.json"), cut)
+
+    def decide(self, part: int) -> None:
+        path = self.context.layout.decisions(self.context.name, part)
+        if exists(path):
+            return
+        table = read_parquet(self.context.layout.step(self.context.name, part), ["row", "clip_score"])
+        rows, scores = table["row"].to_numpy(), table["clip_score"].to_numpy()
         if self.cfg.fraction is not None:
-            keep = math.ceil(self.cfg.fraction * len(scores))
-            order = np.lexsort((table["row"].to_numpy(), -scores))  # best first; ties by input order
-            kept = np.zeros(len(scores), bool)
-            kept[order[:keep]] = True
-            cut = scores[order[keep - 1]] if keep else float("inf")
-            log.info("clip_score: top %.1f%% of %d samples -> threshold %.4f", 100 * self.cfg.fraction, len(scores), cut)
+            cut, ranks = read_json(self._path("cut.json")), descending_rank(scores).astype(np.int64)
+            kept = (ranks < cut["rank"]) | ((ranks == cut["rank"]) & (rows <= cut["row"]))
         elif self.cfg.threshold is not None:
             kept = scores >= self.cfg.threshold
         else:
-            kept = np.ones(len(scores), bool)
-        return ["" if k else "low_clip_score" for k in kept]
+            kept = np.ones(len(rows), bool)
+        order = np.argsort(rows[~kept], kind="stable")
+        write_parquet(path, dropped(rows[~kept][order], ["low_clip_score"] * int((~kept).sum())))
+
+
+RANK_LOW_BITS = 12  # pass 1 counts ranks by their top 20 bits: about 1e-4 of the score range per bin
+
+
+def descending_rank(scores: np.ndarray) -> np.ndarray:
+    """(n,) uint32 that sorts float32 scores best first (-0.0 ranks as 0.0)."""
+    bits = (np.asarray(scores, np.float32) + np.float32(0.0)).view(np.uint32)
+    ascending = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31))
+    return ~ascending
+
+
+def score_of_rank(rank: int) -> float:
+    ascending = np.uint32(~np.uint32(rank))
+    bits = ascending & np.uint32(0x7FFFFFFF) if ascending >> 31 else ~ascending
+    return float(np.array([bits], np.uint32).view(np.float32)[0])

@@ -4,11 +4,24 @@ Levels (run in the configured order, each on what the previous ones kept):
 - ``rows``: the same uid twice (the same url and caption listed again) -> duplicate_row
 - ``exact``: the same sha256 of the downloaded bytes -> exact_dup
 - ``phash``: photos within a few bits of pHash, banded to scale (see filter/phash.py) -> near_dup
-- ``pixel``: the same picture re-encoded, resized, shifted or mirrored (see filter/near_dup.py) -> near_dup
-- ``embedding``: SemDeDup: k-means over image embeddings, then pairs within a cluster whose cosine
+- ``pixel``: the same picture re-encoded, resized, shifted or mirrored (filter/near_dup.py; bucketed: filter/pixel_dedupe.py) -> near_dup
+- ``embedding``: SemDeDup (filter/semdedup.py): k-means over image embeddings, then pairs within a cluster whose cosine
   passes ``threshold`` (and, optionally, beats each item's k-th neighbour by ``margin``, a
   copy-detection style normalisation that keeps look-alike classes apart) -> semantic_dup
 - ``caption``: the same normalised caption -> caption_dup (off by default: templated captions repeat)
+
+Every level is partitioned work (see :class:`Level`): an optional ``prepare`` task, a ``map``
+task per input part that sends the features of its rows still in the running to partitions, a
+``reduce`` task per partition that finds pairs of copies, and a ``merge`` task that joins the
+pairs of every partition into groups (connected components; the group's smallest input row
+survives). A ``decide`` task per part then writes the step's decisions. The files:
+
+    steps/dedupe/{part}.parquet, {part}.thumbs.npy, {part}.embed.npy    the shard phase (row-aligned)
+    steps/dedupe/levels/{k}-{level}/map/{part}.parquet      a row group per partition
+    steps/dedupe/levels/{k}-{level}/pairs/{partition}.parquet   a, b (input rows), part_a, part_b
+    steps/dedupe/levels/{k}-{level}/drops.parquet           row; a row group per part
+    steps/dedupe/levels/{k}-{level}/...                     the level's own files (prepare, per part)
+    steps/dedupe/decisions/{part}.parquet                   row, reason
 """
 
 from __future__ import annotations
@@ -16,24 +29,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import math
 import re
+import tempfile
 from typing import Callable, Iterator
 
-import faiss
 import numpy as np
 import pyarrow as pa
-import torch
+import pyarrow.compute as pc
 from PIL import Image
 
-from filter import STEPS, Step, decisions, phash
+from filter import STEPS, Phase, Step, decisions, dropped, phash
 from filter.embedders import EMBEDDERS
-from filter.near_dup import PixelMatchConfig, groups, matching_pairs, thumbnail
-from pipeline.core.io import atomic_write
+from filter.near_dup import PixelDedupeConfig, thumbnail
+from pipeline.core.io import atomic_write, exists, read_parquet, write_parquet
 from pipeline.core.log import get_logger
+from pipeline.core.partition import components, hash_partition, hex_digests, read_partition, text_digests, write_partitioned
 from pipeline.core.registry import Registry
 
 log = get_logger(__name__)
-LEVELS: Registry = Registry("dedupe level")
+LEVELS: Registry = Registry("dedupe level", package="filter")  # pixel and embedding register from their own files
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -45,18 +60,169 @@ class EmbeddingDedupeConfig:
     background_k: int = 10
     cluster_size: int = 2000  # SemDeDup: n / cluster_size k-means clusters (larger: better recall, quadratic cost)
     probes: int = 1  # clusters each item joins (its nearest centroids): copies on a cluster boundary still meet
+    sample: int = 262144  # k-means training rows (a fixed seeded sample: every row when there are fewer)
+    block_rows: int = 2048  # similarity rows computed at once within a cluster: memory block_rows x members
 
 
 @dataclasses.dataclass(kw_only=True)
 class DedupeConfig:
     levels: list[str] = dataclasses.field(default_factory=lambda: ["rows", "exact", "phash", "pixel", "embedding"])
+    partition_rows: int = 4_000_000  # map records one reduce task holds, about: partitions = ceil(records / this)
     phash: phash.PhashConfig = dataclasses.field(default_factory=phash.PhashConfig)
-    pixel: PixelMatchConfig = dataclasses.field(default_factory=PixelMatchConfig)
+    pixel: PixelDedupeConfig = dataclasses.field(default_factory=PixelDedupeConfig)
     embedding: EmbeddingDedupeConfig = dataclasses.field(default_factory=EmbeddingDedupeConfig)
 
     def validate(self) -> None:
         for level in self.levels:
             LEVELS.get(level)
+        if self.partition_rows < 1:
+            raise ValueError(f"partition_rows must be >= 1, got {self.partition_rows}")
+
+
+# ---------------------------------------------------------------------------- the level interface
+
+
+@dataclasses.dataclass
+class LevelContext:
+    """What a level's tasks read and where they write."""
+
+    cfg: DedupeConfig
+    parts: int
+    rows: int  # at most this many rows in the running (parts x part size): sizes the partitions
+    folder: str  # the level's own folder: prepare's outputs, per-part files of its own
+    arrays: Callable[[int, str], np.ndarray]  # (part, "thumbs" | "embed") -> the shard phase's array, memory-mapped
+    alive: Callable[[int], pa.Table]  # part -> its rows still in the running (what ``map`` gets)
+
+
+class Level:
+    """One dedupe level as partitioned work; the framework writes, reads and merges the files.
+
+    ``map(part, table)`` gets the part's rows still in the running, in row order: the shard
+    phase's columns (row, uid, sha256, caption_norm, phash, phash_mirror) plus ``part`` and
+    ``index`` (the row's position in the part's table and arrays: ``ctx.arrays(part, kind)[index]``).
+    It returns ``{partition: table}`` (each table keeps ``row`` and ``part``); ``reduce(partition,
+    table)`` gets the rows every part sent there and returns (M, 2) int64 pairs of input rows
+    that are copies. Pairs may repeat and may come from several partitions."""
+
+    reason: str
+    fanout: float = 1.0  # map records per row in the running (sizes the partitions)
+    has_prepare = False  # True: ``prepare()`` runs once, before the maps (e.g. k-means on a sample)
+
+    def __init__(self, ctx: LevelContext):
+        self.ctx = ctx
+
+    @property
+    def partitions(self) -> int:
+        return max(1, math.ceil(self.ctx.rows * self.fanout / self.ctx.cfg.partition_rows))
+
+    def prepare(self) -> None:
+        pass
+
+    def map(self, part: int, table: pa.Table) -> dict[int, pa.Table]:
+        raise NotImplementedError
+
+    def reduce(self, partition: int, table: pa.Table) -> np.ndarray:
+        raise NotImplementedError
+
+
+NO_PAIRS = np.zeros((0, 2), np.int64)
+
+
+class KeyLevel(Level):
+    """Copies share a key: partitioned by a hash of its binary digest; pairs (first row of the key, row)."""
+
+    column: str
+
+    def digests(self, column: pa.ChunkedArray) -> np.ndarray:
+        raise NotImplementedError
+
+    def map(self, part: int, table: pa.Table) -> dict[int, pa.Table]:
+        digests = self.digests(table[self.column])
+        key = pa.FixedSizeBinaryArray.from_buffers(pa.binary(digests.shape[1]), len(digests), [None, pa.py_buffer(digests.tobytes())])
+        out = pa.table({"row": table["row"], "part": table["part"], "key": key})
+        partition = hash_partition(digests, self.partitions)
+        return {int(p): out.filter(pa.array(partition == p)) for p in np.unique(partition)}
+
+    def reduce(self, partition: int, table: pa.Table) -> np.ndarray:
+        first = table.group_by("key").aggregate([("row", "min")])
+        joined = table.select(["key", "row"]).join(first, "key")
+        copies = joined.filter(pc.not_equal(joined["row"], joined["row_min"]))
+        return np.stack([copies["row_min"].to_numpy(), copies["row"].to_numpy()], 1).astype(np.int64)
+
+
+@LEVELS.register("rows")
+class Rows(KeyLevel):
+    reason, column = "duplicate_row", "uid"
+
+    def digests(self, column):
+        return hex_digests(column, 32)
+
+
+@LEVELS.register("exact")
+class Exact(KeyLevel):
+    reason, column = "exact_dup", "sha256"
+
+    def digests(self, column):
+        return hex_digests(column, 64)
+
+
+@LEVELS.register("caption")
+class Caption(KeyLevel):
+    reason, column = "caption_dup", "caption_norm"
+
+    def digests(self, column):
+        return text_digests(column)
+
+
+@LEVELS.register("phash")
+class Phash(Level):
+    """Candidates per band value: every (band, value) is one partition's, so a reduce task sees all
+    the hashes sharing it and compares each with its next ``window`` neighbours (filter/phash.py)."""
+
+    reason = "near_dup"
+
+    @property
+    def fanout(self) -> float:
+        return 2 * (self.ctx.cfg.phash.max_distance + 1)  # both orientations, every band
+
+    def map(self, part: int, table: pa.Table) -> dict[int, pa.Table]:
+        table = table.filter(table["phash"].is_valid())
+        hashes = np.stack([table[c].to_numpy() for c in ("phash", "phash_mirror")], 1).astype(np.uint64)
+        n, masks = len(hashes), phash._bands(self.ctx.cfg.phash.max_distance)
+        band = np.repeat(np.arange(len(masks), dtype=np.int8), 2 * n)
+        orient = np.tile(np.repeat(np.arange(2, dtype=np.int8), n), len(masks))
+        flat = np.tile(np.concatenate([hashes[:, 0], hashes[:, 1]]), len(masks))
+        key = flat & np.repeat(np.array(masks, np.uint64), 2 * n)
+        take = np.tile(np.arange(n), 2 * len(masks))
+        out = pa.table({"row": table["row"].take(take), "part": table["part"].take(take), "band": band, "orient": orient,
+                        "key": key, "flat": flat, "h0": hashes[take, 0], "h1": hashes[take, 1]})
+        mixed = (key ^ band.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)  # a band value -> one partition
+        partition = ((mixed >> np.uint64(32)) % np.uint64(self.partitions)).astype(np.int64)
+        return {int(p): out.filter(pa.array(partition == p)) for p in np.unique(partition)}
+
+    def reduce(self, partition: int, table: pa.Table) -> np.ndarray:
+        col = {c: table[c].to_numpy() for c in ("row", "band", "orient", "key", "flat", "h0", "h1")}
+        found = []
+        for band in np.unique(col["band"]):
+            mine = np.flatnonzero(col["band"] == band)
+            # same band value together, similar hashes side by side; ties in the order the whole-pool search had
+            order = mine[np.lexsort((col["row"][mine], col["orient"][mine], col["flat"][mine], col["key"][mine]))]
+            key, row, h0, h1 = (col[c][order] for c in ("key", "row", "h0", "h1"))
+            for offset in range(1, min(self.ctx.cfg.phash.window, len(order) - 1) + 1):
+                same = np.flatnonzero(key[:-offset] == key[offset:])
+                if len(same) == 0:
+                    break
+                found.append(self._matches(row, h0, h1, same, same + offset))  # candidates tested at once: memory ~ matches
+        if not found:
+            return NO_PAIRS
+        return np.unique(np.concatenate(found), axis=0)
+
+    def _matches(self, row, h0, h1, i, j) -> np.ndarray:
+        """The candidates (i, j) within ``max_distance``, as (smaller row, larger row) pairs."""
+        swap = row[i] > row[j]
+        a, b = np.where(swap, j, i), np.where(swap, i, j)  # measured from the earlier row, as the whole-pool search did
+        keep = (row[a] != row[b]) & (np.minimum(phash.hamming(h0[a], h0[b]), phash.hamming(h0[a], h1[b])) <= self.ctx.cfg.phash.max_distance)
+        return np.stack([row[a][keep], row[b][keep]], 1)
 
 
 @dataclasses.dataclass
@@ -76,72 +242,9 @@ class Features:
         return Features(*(None if v is None else v[index] for v in dataclasses.astuple(self)))
 
 
-def first_of_equal(values: np.ndarray) -> np.ndarray:
-    """(n,) index of the first item with the same value (items are in input order)."""
-    _, first, inverse = np.unique(values, return_index=True, return_inverse=True)
-    return first[inverse]
-
-
-@LEVELS.register("rows")
-def _rows(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
-    return first_of_equal(f.uid), "duplicate_row"
-
-
-@LEVELS.register("exact")
-def _exact(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
-    return first_of_equal(f.sha256), "exact_dup"
-
-
-@LEVELS.register("caption")
-def _caption(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
-    return first_of_equal(f.caption), "caption_dup"
-
-
-@LEVELS.register("phash")
-def _phash(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
-    hashed = np.flatnonzero(f.has_phash)
-    pairs = hashed[phash.matching_pairs(f.phash[hashed], cfg.phash)]
-    return groups(len(f.rows), pairs), "near_dup"
-
-
-@LEVELS.register("pixel")
-def _pixel(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
-    return groups(len(f.rows), matching_pairs(f.thumbs, f.thumbs, cfg.pixel, exclude_self=True)), "near_dup"
-
-
-@LEVELS.register("embedding")
-def _embedding(f: Features, cfg: DedupeConfig) -> tuple[np.ndarray, str]:
-    c = cfg.embedding
-    emb = np.ascontiguousarray(f.embeddings, np.float32)
-    n_clusters = max(1, len(emb) // c.cluster_size)
-    if n_clusters > 1:
-        kmeans = faiss.Kmeans(emb.shape[1], n_clusters, niter=20, seed=0, spherical=True)
-        kmeans.train(emb)
-        cluster = kmeans.index.search(emb, min(c.probes, n_clusters))[1]  # (n, probes)
-    else:
-        cluster = np.zeros((len(emb), 1), np.int64)
-    item, cluster = np.repeat(np.arange(len(emb)), cluster.shape[1]), cluster.ravel()
-    order = np.argsort(cluster, kind="stable")
-    members = np.split(item[order], np.flatnonzero(np.diff(cluster[order])) + 1)
-    pairs = [_cluster_pairs(m, emb, c) for m in members]
-    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
-    return groups(len(emb), pairs), "semantic_dup"
-
-
-def _cluster_pairs(members: np.ndarray, emb: np.ndarray, c: EmbeddingDedupeConfig) -> np.ndarray:
-    x = torch.from_numpy(emb[members])
-    sim = x @ x.T  # (m, m)
-    sim.fill_diagonal_(-1.0)
-    a, b = torch.nonzero(torch.triu(sim >= c.threshold, diagonal=1), as_tuple=True)  # few: test the margin on these only
-    if c.margin > 0 and len(members) > c.background_k:
-        background = sim.topk(c.background_k, dim=1).values[:, -1]  # each item's k-th neighbour similarity
-        keep = sim[a, b] - torch.maximum(background[a], background[b]) >= c.margin
-        a, b = a[keep], b[keep]
-    return np.stack([members[a.numpy()], members[b.numpy()]], 1)
-
-
 def normalize_caption(caption: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", caption.lower()).split())
+
 
 
 @STEPS.register("dedupe")
@@ -176,34 +279,124 @@ class Dedupe(Step):
             caption_norm=[normalize_caption(s["caption"]) for s in batch], **hash_columns,
         )
 
-    def dataset(self, table: pa.Table) -> list[str]:
-        features, order = self._features(table)
-        reasons = np.full(len(order), "", dtype=object)
-        alive = np.arange(len(order))  # positions in row order
-        for level in self.cfg.levels:
-            root, reason = LEVELS.get(level)(features.take(alive), self.cfg)
-            dropped = root != np.arange(len(alive))
-            reasons[alive[dropped]] = reason
-            log.info("dedupe %s: %d of %d dropped as %s", level, dropped.sum(), len(alive), reason)
-            alive = alive[~dropped]
-        out = np.empty(len(order), dtype=object)
-        out[order] = reasons  # back to the table's order
-        return out.tolist()
+    # ------------------------------------------------------------------ the dataset-wide phases
 
-    def _features(self, table: pa.Table) -> tuple[Features, np.ndarray]:
-        layout, name, parts = self.context.layout, self.context.name, sorted(set(table["part"].to_pylist()))
-        load: Callable[[str], np.ndarray | None] = lambda kind: (
-            np.concatenate([np.load(layout.step(name, p, f".{kind}.npy")) for p in parts]) if parts else None
-        )
-        order = np.argsort(table["row"].to_numpy(), kind="stable")
-        columns = [table[c].to_numpy(zero_copy_only=False) for c in ("row", "uid", "sha256", "caption_norm")]
-        hashes = has_hash = None
-        if "phash" in self.cfg.levels:
-            hashes = np.stack([table[c].fill_null(0).to_numpy() for c in ("phash", "phash_mirror")], 1)
-            has_hash = table["phash"].is_valid().to_numpy(zero_copy_only=False)
-        thumbs = load("thumbs") if "pixel" in self.cfg.levels else None
-        emb = load("embed") if "embedding" in self.cfg.levels else None
-        return Features(*columns, hashes, has_hash, thumbs, emb).take(order), order
+    def folder(self, k: int) -> str:
+        return f"{self.context.layout.root}/steps/{self.context.name}/levels/{k}-{self.cfg.levels[k]}"
+
+    def level(self, k: int) -> Level:
+        ctx = LevelContext(self.cfg, self.context.parts, self.context.parts * self.context.index["part_size"], self.folder(k), self._array,
+                           lambda part: self.alive(k, part))
+        return LEVELS.build(self.cfg.levels[k], ctx)
+
+    def _array(self, part: int, kind: str) -> np.ndarray:
+        return np.load(self.context.layout.step(self.context.name, part, f".{kind}.npy"), mmap_mode="r")
+
+    def alive(self, k: int, part: int) -> pa.Table:
+        """The part's rows in the running at level k: its shard table less what levels < k dropped."""
+        table = read_parquet(self.context.layout.step(self.context.name, part))
+        table = table.append_column("part", pa.array(np.full(table.num_rows, part, np.int64)))
+        table = table.append_column("index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+        gone = [t["row"] for j in range(k) if (t := read_partition([f"{self.folder(j)}/drops.parquet"], part)) is not None]
+        if gone:
+            table = table.filter(pc.invert(pc.is_in(table["row"], pa.chunked_array(gone).combine_chunks())))
+        return table.sort_by("row")
+
+    def phases(self) -> list[Phase]:
+        name, parts, out = self.context.name, self.context.parts, []
+        for k, level_name in enumerate(self.cfg.levels):
+            level = self.level(k)
+            at = f"{name}/{k}-{level_name}"
+            if level.has_prepare:
+                out.append(Phase(f"{at}/prepare", "once", 1, lambda i, k=k: self.prepare(k)))
+            out += [Phase(f"{at}/map", "part", parts, lambda i, k=k: self.map(k, i)),
+                    Phase(f"{at}/reduce", "partition", level.partitions, lambda i, k=k: self.reduce(k, i)),
+                    Phase(f"{at}/merge", "once", 1, lambda i, k=k: self.merge(k))]
+        return out + [Phase(f"{name}/decide", "part", parts, self.decide)]
+
+    def prepare(self, k: int) -> None:
+        if not exists(f"{self.folder(k)}/prepared"):
+            self.level(k).prepare()
+            with atomic_write(f"{self.folder(k)}/prepared", "w"):
+                pass
+
+    def map(self, k: int, part: int) -> None:
+        path = f"{self.folder(k)}/map/{part:06d}.parquet"
+        if not exists(path):
+            write_partitioned(path, self.level(k).map(part, self.alive(k, part)))
+
+    def reduce(self, k: int, partition: int) -> None:
+        path = f"{self.folder(k)}/pairs/{partition:06d}.parquet"
+        if exists(path):
+            return
+        level = self.level(k)
+        table = read_partition([f"{self.folder(k)}/map/{p:06d}.parquet" for p in range(self.context.parts)], partition)
+        pairs = NO_PAIRS if table is None else level.reduce(partition, table)
+        part_of = _lookup(table, pairs) if len(pairs) else (np.zeros(0, np.int64),) * 2
+        write_parquet(path, pa.table({"a": pairs[:, 0], "b": pairs[:, 1], "part_a": part_of[0], "part_b": part_of[1]}))
+
+    def merge(self, k: int) -> None:
+        """Groups of copies over every partition's pairs; all but the smallest row of each are dropped."""
+        path = f"{self.folder(k)}/drops.parquet"
+        if exists(path):
+            return
+        tables = [read_parquet(f"{self.folder(k)}/pairs/{p:06d}.parquet") for p in range(self.level(k).partitions)]
+        table = pa.concat_tables(tables)
+        pairs = np.stack([table["a"].to_numpy(), table["b"].to_numpy()], 1)
+        nodes, root = components(pairs)
+        rows, first = np.unique(pairs.T.ravel(), return_index=True)  # the part of every node
+        part = np.concatenate([table["part_a"].to_numpy(), table["part_b"].to_numpy()])[first]
+        drop = nodes != root
+        out = pa.table({"row": nodes[drop], "part": part[drop]})
+        by_part = out["part"].to_numpy()
+        write_partitioned(path, {int(p): out.filter(pa.array(by_part == p)) for p in np.unique(by_part)},
+                          schema=pa.schema([("row", pa.int64()), ("part", pa.int64()), ("partition", pa.int32())]))
+        log.info("dedupe %s: %d dropped as %s", self.cfg.levels[k], drop.sum(), self.level(k).reason)
+
+    def decide(self, part: int) -> None:
+        path = self.context.layout.decisions(self.context.name, part)
+        if exists(path):
+            return
+        rows, reasons = [], []
+        for k in range(len(self.cfg.levels)):
+            table = read_partition([f"{self.folder(k)}/drops.parquet"], part)
+            if table is not None:
+                rows.append(table["row"].to_numpy())
+                reasons += [self.level(k).reason] * table.num_rows
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        order = np.argsort(rows, kind="stable")
+        write_parquet(path, dropped(rows[order], np.array(reasons, dtype=object)[order].tolist()))
+
+
+def _lookup(table: pa.Table, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The parts of both rows of every pair, from the reduce task's input."""
+    rows, first = np.unique(table["row"].to_numpy(), return_index=True)
+    part = table["part"].to_numpy()[first]
+    return part[np.searchsorted(rows, pairs[:, 0])], part[np.searchsorted(rows, pairs[:, 1])]
+
+
+def roots(level: str, features: Features, cfg: DedupeConfig) -> np.ndarray:
+    """(n,) the position of the item each item's group keeps: level ``level`` run in memory over one
+    part, through the same map, reduce and merge as the build (tests, benchmarks)."""
+    n = len(features.rows)
+    table = pa.table({"row": np.asarray(features.rows, np.int64), "uid": features.uid, "sha256": features.sha256, "caption_norm": features.caption,
+                      "part": np.zeros(n, np.int64), "index": np.arange(n)})
+    if features.phash is not None:
+        valid = ~np.asarray(features.has_phash, bool)
+        table = table.append_column("phash", pa.array(features.phash[:, 0], mask=valid)).append_column(
+            "phash_mirror", pa.array(features.phash[:, 1], mask=valid))
+    arrays = {"thumbs": features.thumbs, "embed": features.embeddings}
+    with tempfile.TemporaryDirectory() as folder:
+        ctx = LevelContext(cfg, 1, n, folder, lambda part, kind: arrays[kind], lambda part: table)
+        lvl = LEVELS.build(level, ctx)
+        lvl.prepare()
+        sent = lvl.map(0, table)
+        found = [lvl.reduce(p, t) for p, t in sorted(sent.items())]
+    nodes, root = components(np.concatenate(found) if found else NO_PAIRS)
+    out = np.arange(n)
+    position = np.searchsorted(features.rows, nodes)
+    out[position] = np.searchsorted(features.rows, root)
+    return out
 
 
 def _save(path: str, array: np.ndarray) -> None:

@@ -28,6 +28,15 @@ class PixelMatchConfig:
     max_rms: float = 8.0  # grey levels (0-255): at most this different after alignment = the same picture
 
 
+@dataclasses.dataclass(kw_only=True)
+class PixelDedupeConfig(PixelMatchConfig):
+    # Dedupe seeks pairs within buckets (an IVF index cut into tasks, filter/pixel_dedupe.py): rows / bucket_size
+    # k-means cells of the descriptors; each image joins the nearest `probes` of its own and of its mirror's.
+    bucket_size: int = 20000  # the kNN inside a bucket is exact: a row's cost grows with this, recall too
+    probes: int = 2  # buckets an image joins per orientation (its descriptor's nearest cells): 1 lost 10% of copies at 50k rows
+    sample: int = 262144  # k-means training rows (a fixed seeded sample: every row when there are fewer)
+
+
 def thumbnail(image: bytes | Image.Image, cfg: PixelMatchConfig) -> np.ndarray:
     """(size, size) uint8 grey thumbnail of encoded bytes or an image, blurred."""
     image = Image.open(io.BytesIO(image)) if isinstance(image, bytes) else image
@@ -37,12 +46,16 @@ def thumbnail(image: bytes | Image.Image, cfg: PixelMatchConfig) -> np.ndarray:
     return np.asarray(image, np.uint8)
 
 
-def descriptor(thumbs: np.ndarray) -> np.ndarray:
-    """(N, 64) unit-norm log-magnitudes of the 8x8 lowest frequencies: blind to translation."""
-    x = thumbs.astype(np.float32)
-    spectrum = np.abs(np.fft.fft2(x - x.mean((1, 2), keepdims=True)))[:, :8, :8]
-    d = np.log1p(spectrum).reshape(len(x), -1).astype(np.float32)
-    return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-6)
+def descriptor(thumbs: np.ndarray, chunk_rows: int = 4096) -> np.ndarray:
+    """(N, 64) float32 unit-norm log-magnitudes of the 8x8 lowest frequencies: blind to translation.
+    In chunks: the FFT's complex128 scratch is ``chunk_rows`` images, not all of them."""
+    out = np.empty((len(thumbs), 64), np.float32)
+    for start in range(0, len(thumbs), chunk_rows):
+        x = np.asarray(thumbs[start : start + chunk_rows], np.float32)
+        spectrum = np.abs(np.fft.fft2(x - x.mean((1, 2), keepdims=True)))[:, :8, :8]
+        d = np.log1p(spectrum).reshape(len(x), -1).astype(np.float32)
+        out[start : start + len(x)] = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-6)
+    return out
 
 
 def candidates(queries: np.ndarray, base: np.ndarray, k: int, exclude_self: bool) -> np.ndarray:

@@ -1,8 +1,14 @@
-"""The manifest: one row per input row, with every score, the step that dropped it and why, and its shard."""
+"""The manifest: one row per input row, with every score, the step that dropped it and why, and its shard.
+
+Built per input part (joins of the part's files in pyarrow, no per-row Python), then streamed
+into one file by pipeline/reshard.py.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.download import error_reason
 from pipeline.core.io import read_parquet
@@ -11,44 +17,51 @@ from pipeline.core.io import read_parquet
 _SKIP = {"uid", "caption_norm", "part"}
 
 
-def build_manifest(build, plan: pa.Table) -> pa.Table:
-    """``build`` is a pipeline.build_shards.Build; ``plan`` maps kept rows to output shards."""
-    shard_of = dict(zip(plan["row"].to_pylist(), plan["shard"].to_pylist()))
-    return pa.concat_tables(  # a part holds rows of a run of parts, interleaved by host: sort again
-        [_part(build, part, shard_of) for part in range(build.index["parts"])], promote_options="permissive"
-    ).sort_by("row")
-
-
-def _part(build, part: int, shard_of: dict[int, int]) -> pa.Table:
+def part_manifest(build, part: int, shard_of) -> pa.Table:
+    """``build`` is a pipeline.build_shards.Build; ``shard_of(rows)`` gives each row's output shard (-1: dropped)."""
     layout = build.layout
     table = read_parquet(layout.input_part(part)).drop_columns(["fetch_url"])
     download = read_parquet(layout.download(part, ".parquet"), ["row", "status", "error_message"])
     table = table.join(download, "row", join_type="left outer")
+    verdicts = []  # (step, reason column) in the order they decide
     for name, step in build.steps.items():
         own = read_parquet(layout.step(name, part))
         own = own.select([c for c in own.column_names if c not in _SKIP]).rename_columns(
             [f"{name}_reason" if c == "reason" else c for c in own.column_names if c not in _SKIP]
         )
         table = table.join(own, "row", join_type="left outer")
+        verdicts.append((name, f"{name}_reason"))
         if step.has_dataset_phase:
-            dropped = build._decisions(name)
-            table = table.append_column(f"{name}_dataset_reason", pa.array([dropped.get(r, "") for r in table["row"].to_pylist()]))
+            decided = read_parquet(layout.decisions(name, part)).rename_columns(["row", f"{name}_dataset_reason"])
+            table = table.join(decided, "row", join_type="left outer")
+            column = f"{name}_dataset_reason"
+            table = table.set_column(table.column_names.index(column), column, pc.fill_null(table[column], ""))
+            verdicts.append((name, column))
     table = table.sort_by("row")
-    dropped_by, reasons = zip(*(_verdict(row, build.steps) for row in table.to_pylist())) if table.num_rows else ((), ())
-    rows = table["row"].to_pylist()
-    return table.append_column("dropped_by", pa.array(dropped_by, pa.string())).append_column(
-        "reason", pa.array(reasons, pa.string())
-    ).append_column("shard", pa.array([shard_of.get(r, -1) for r in rows], pa.int64()))
+    dropped_by, reason = _verdicts(table, verdicts)
+    return table.append_column("dropped_by", dropped_by).append_column("reason", reason).append_column(
+        "shard", shard_of(table["row"]))
 
 
-def _verdict(row: dict, steps) -> tuple[str, str]:
-    """(step, reason) of the first step that dropped the row, ("", "") if kept."""
-    if row["reject"]:
-        return "prepare", row["reject"]
-    if row["status"] != "success":
-        return "download", error_reason(row["error_message"])
-    for name, step in steps.items():
-        for key in (f"{name}_reason", f"{name}_dataset_reason"):
-            if row.get(key):
-                return name, row[key]
-    return "", ""
+def _verdicts(table: pa.Table, verdicts: list[tuple[str, str]]) -> tuple[pa.Array, pa.Array]:
+    """(step, reason) of the first step that dropped each row, ("", "") if kept."""
+    n = table.num_rows
+    step, reason = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
+    decided = np.zeros(n, bool)
+
+    def decide(mask: np.ndarray, name: str, why: np.ndarray) -> None:
+        mask = mask & ~decided
+        step[mask], reason[mask] = name, why[mask]
+        decided[mask] = True
+
+    reject = table["reject"].fill_null("").to_numpy(zero_copy_only=False)
+    decide(reject != "", "prepare", reject)
+    failed = np.asarray(pc.not_equal(table["status"].fill_null(""), "success"))
+    messages = table["error_message"].filter(pa.array(failed & ~decided)).to_pylist()
+    why = np.full(n, "", dtype=object)
+    why[failed & ~decided] = [error_reason(m) for m in messages]  # failed downloads only: a regex per message
+    decide(failed, "download", why)
+    for name, column in verdicts:
+        values = table[column].fill_null("").to_numpy(zero_copy_only=False)
+        decide(values != "", name, values)
+    return pa.array(step, pa.string()), pa.array(reason, pa.string())

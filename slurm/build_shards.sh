@@ -6,13 +6,16 @@
 #       clip_score.model=runs/clip_123 clip_score.device=cuda           # re-curate existing downloads
 #
 # This job (the driver) prepares the input (reads and checks the list, cuts it into parts) and
-# submits, chained with --dependency=afterok, one group per dataset-wide step:
+# submits the chain `python -m pipeline.build_shards --plan` prints, each link after the last
+# (--dependency=afterok):
 #
-#   array of ARRAY_SIZE tasks    --phase shard   (task I/N owns the I-th of N disjoint slices of the parts)
-#     -> one job                 --phase dataset (top-fraction threshold, dedupe, reshard plan + manifest)
+#   shard STAGES PARTS     array of ARRAY_SIZE tasks  --phase shard --task I/N  (the I-th of N slices of the parts)
+#   dataset PHASE TASKS    array of min(ARRAY_SIZE, TASKS) tasks, one job when TASKS is 1  --phase PHASE --task I/N
+#                          (a dataset-wide phase: per part, per partition, or once; TASKS 0: known at run time)
 #
-# e.g. with the default steps: [download,basic,decontaminate,clip_score] -> clip_score threshold ->
-# [dedupe] -> dataset-wide dedupe -> [reshard] -> manifest, stats.json, sizes.json. It logs
+# e.g. with the default steps: [download,basic,decontaminate,clip_score] -> clip_score/histogram,
+# bin, candidates, cut, decide -> [dedupe] -> per level map, reduce, merge -> dedupe/decide ->
+# reshard/survivors, plan, shards, manifest, finalize (manifest, stats.json, sizes.json). It logs
 # "last job: ID" (wait for that one). Every output is written atomically and skipped when present,
 # so re-submitting the same command after a failure or a kill resumes where the chain stopped.
 # Without Slurm (`bash slurm/build_shards.sh`) the driver still submits with sbatch; on one machine
@@ -28,7 +31,8 @@
 #   PARTITION           partition of every submitted job (default: the cluster's default)
 #   SHARD_SBATCH_ARGS   extra sbatch options of the array tasks (e.g. "--cpus-per-task=16 --gres=gpu:1
 #                       --time=8:00:00"; give clip_score.device=cuda with a GPU)
-#   DATASET_SBATCH_ARGS extra sbatch options of the dataset-wide jobs (e.g. "--cpus-per-task=32 --mem=256G")
+#   DATASET_SBATCH_ARGS extra sbatch options of the dataset-wide tasks (e.g. "--cpus-per-task=4 --mem=8G": a
+#                       task's memory is bounded by dedupe.partition_rows and the part size, not the dataset)
 #   plus what slurm/common.sh reads (VLPIPE_ROOT, PYTHON). Job logs follow SBATCH_OUTPUT when set.
 #
 # img2dataset's own distributors: download.distributor=pyspark runs its Spark distributor on a
@@ -36,8 +40,8 @@
 # the Ray cluster at RAY_ADDRESS (start one across an allocation with `ray start`, then ARRAY_SIZE=1).
 # Any other img2dataset.download keyword goes through download.options.KEY=VALUE.
 #
-# Internal: the driver submits this same script with BUILD_PHASE=shard|dataset and BUILD_STAGES in the
-# environment (sbatch exports the submitter's environment: its default --export=ALL).
+# Internal: the driver submits this same script with BUILD_PHASE=shard|dataset and BUILD_STAGES (the shard
+# stages, or the dataset-wide phase's name) in the environment (sbatch exports the submitter's environment: its default --export=ALL).
 #
 #SBATCH --job-name=build_shards
 #SBATCH --ntasks=1
@@ -60,7 +64,7 @@ BUILD=("$PYTHON" -m pipeline.build_shards --output "$OUTPUT" --config "$CONFIG")
 submit() {  # submit this script for one phase after job $1 ("" = none); prints the job id
     local after="$1" phase="$2" stages="$3"; shift 3
     BUILD_PHASE="$phase" BUILD_STAGES="$stages" sbatch --parsable --export=ALL ${PARTITION:+--partition="$PARTITION"} \
-        ${after:+--dependency="afterok:$after"} --job-name="build-$phase-${stages//,/+}" "$@" \
+        ${after:+--dependency="afterok:$after"} --job-name="build-$phase-${stages//[,\/]/+}" "$@" \
         "$VLPIPE_ROOT/slurm/build_shards.sh" "$CONFIG" "${OVERRIDES[@]}"
 }
 
@@ -72,8 +76,9 @@ shard)
     exec "${BUILD[@]}" --stages "$BUILD_STAGES" --phase shard --task "$TASK_INDEX/$TASK_COUNT" "$@"
     ;;
 dataset)
-    vlpipe_log "dataset phase of $BUILD_STAGES"
-    exec "${BUILD[@]}" --stages "$BUILD_STAGES" --phase dataset "$@"
+    vlpipe_array_task
+    vlpipe_log "dataset phase $BUILD_STAGES, task $TASK_INDEX/$TASK_COUNT"
+    exec "${BUILD[@]}" --phase "$BUILD_STAGES" --task "$TASK_INDEX/$TASK_COUNT" "$@"
     ;;
 driver)
     if [[ -n "$INPUT" ]]; then
@@ -82,19 +87,22 @@ driver)
     fi
     parts="$("$PYTHON" -c 'import sys; from pipeline.core.io import read_json; print(read_json(sys.argv[1])["parts"])' \
         "$OUTPUT/input/index.json")" || vlpipe_die "no prepared input in $OUTPUT: set INPUT"
-    # One "SHARD_STAGES DATASET_STAGE" line per chain link, from the build command itself.
-    groups="$("${BUILD[@]}" --plan ${STAGES:+--stages "$STAGES"} "$@")"
-    tasks=$((parts < ${ARRAY_SIZE:-16} ? parts : ${ARRAY_SIZE:-16}))
-    array="--array=0-$((tasks - 1))${ARRAY_PARALLEL:+%$ARRAY_PARALLEL}"
+    # One "shard STAGES PARTS" or "dataset PHASE TASKS" line per chain link, from the build command itself.
+    links="$("${BUILD[@]}" --plan ${STAGES:+--stages "$STAGES"} "$@")"
+    size="${ARRAY_SIZE:-16}"
     last=""
-    while read -r shard_stages dataset_stage; do
-        last="$(submit "$last" shard "$shard_stages" "$array" ${SHARD_SBATCH_ARGS:-})"
-        vlpipe_log "job $last: $tasks tasks x shard phase of $shard_stages ($parts input parts)"
-        if [[ "$dataset_stage" != - ]]; then
-            last="$(submit "$last" dataset "$dataset_stage" ${DATASET_SBATCH_ARGS:-})"
-            vlpipe_log "job $last: dataset phase of $dataset_stage"
+    while read -r kind what count; do
+        (( count == 0 || count > size )) && count="$size"
+        array=()
+        (( count > 1 )) && array=("--array=0-$((count - 1))${ARRAY_PARALLEL:+%$ARRAY_PARALLEL}")
+        if [[ "$kind" == shard ]]; then
+            last="$(submit "$last" shard "$what" "${array[@]}" ${SHARD_SBATCH_ARGS:-})"
+            vlpipe_log "job $last: $count tasks x shard phase of $what ($parts input parts)"
+        else
+            last="$(submit "$last" dataset "$what" "${array[@]}" ${DATASET_SBATCH_ARGS:-})"
+            vlpipe_log "job $last: $count tasks x dataset phase $what"
         fi
-    done <<<"$groups"
+    done <<<"$links"
     vlpipe_log "last job: $last"
     ;;
 *) vlpipe_die "BUILD_PHASE must be shard or dataset, got $BUILD_PHASE" ;;

@@ -4,7 +4,8 @@
     OUT/download/{part}.tar|.parquet|_stats.json   img2dataset's output, one shard per part;
                                     ``_stats.json`` is moved in last, so it marks a complete shard
     OUT/steps/{step}/{part}.parquet a curation step's per-shard decisions and features
-    OUT/steps/{step}/decisions.parquet   its dataset-wide decisions
+    OUT/steps/{step}/decisions/{part}.parquet   its dataset-wide decisions: the part's rows it drops
+    OUT/steps/{step}/..., OUT/reshard/...   the dataset-wide phases' partitioned intermediates
     OUT/shards/{shard}.tar, sizes.json, manifest.parquet, stats.json, config.yaml   the result
 
 Tar member names are only ever used as dictionary keys, never as file paths.
@@ -45,8 +46,8 @@ class Layout:
     def step(self, name: str, part: int, suffix: str = ".parquet") -> str:
         return f"{self.root}/steps/{name}/{part:06d}{suffix}"
 
-    def decisions(self, name: str) -> str:
-        return f"{self.root}/steps/{name}/decisions.parquet"
+    def decisions(self, name: str, part: int) -> str:
+        return f"{self.root}/steps/{name}/decisions/{part:06d}.parquet"
 
     def shard(self, index: int) -> str:
         return f"{self.root}/shards/{index:06d}.tar"

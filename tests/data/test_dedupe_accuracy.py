@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from filter.dedupe import LEVELS, Features
+from filter.dedupe import Features, roots
 from filter.near_dup import matching_pairs, thumbnail
 from filter.phash import phash
 from pipeline.core import config
@@ -55,7 +55,7 @@ def test_planted_duplicates_removed_and_no_distinct_image(pool):
     )
     alive, removed = np.arange(len(pool)), {}
     for level in ("exact", "phash", "pixel"):
-        root, _ = LEVELS.get(level)(features.take(alive), cfg)
+        root = roots(level, features.take(alive), cfg)  # the build's map, reduce and merge, in memory
         dropped = root != np.arange(len(alive))
         removed.update(zip(alive[dropped].tolist(), alive[root[dropped]].tolist()))
         alive = alive[~dropped]

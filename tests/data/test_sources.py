@@ -9,7 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from filter import StepContext
 from filter.clip_score import ClipScore, ClipScoreConfig
+from pipeline.core.io import write_json, write_parquet
 from pipeline.core.tasks import task_range
 from pipeline.download import error_reason
 from pipeline.core.shards import Layout
@@ -57,13 +59,22 @@ def test_task_ranges_are_disjoint_and_cover_everything():
     assert sorted(p for s in slices for p in s) == list(range(10))
 
 
-def test_top_fraction_is_computed_over_the_whole_dataset():
-    # Shard 0 holds only low scores: a per-shard top fraction would keep some of them.
+def test_top_fraction_is_computed_over_the_whole_dataset(tmp_path):
+    # Part 0 holds only low scores: a per-part top fraction would keep some of them. Ties at the
+    # cut (rows 68-71 score alike) are kept in input order, as one sort of the whole pool would.
     scores = np.r_[np.linspace(0.0, 0.1, 50), np.linspace(0.5, 0.6, 50)].astype(np.float32)
-    table = pa.table({"row": np.arange(100), "clip_score": scores, "part": np.repeat([0, 1], 50)})
-    reasons = ClipScore(ClipScoreConfig(fraction=0.3), None).dataset(table)
-    kept = [i for i, r in enumerate(reasons) if not r]
-    assert len(kept) == 30 and min(kept) >= 50 and kept == list(range(70, 100))
+    scores[68:72] = scores[70]
+    layout = Layout(str(tmp_path))
+    write_json(layout.input_index, {"parts": 2, "part_size": 50})
+    for part in (0, 1):
+        rows = np.arange(50 * part, 50 * part + 50)[::-1]  # a part's table need not be in row order
+        write_parquet(layout.step("clip_score", part), pa.table({"row": rows, "clip_score": scores[rows]}))
+    step = ClipScore(ClipScoreConfig(fraction=0.3), StepContext(layout, "clip_score"))
+    for phase in step.phases():
+        for task in range(phase.tasks):
+            phase.run(task)
+    dropped = np.concatenate([pq.read_table(layout.decisions("clip_score", p))["row"].to_numpy() for p in (0, 1)])
+    assert sorted(set(range(100)) - set(dropped.tolist())) == [68, 69, *range(72, 100)]
 
 
 # ---------------------------------------------------------------------------- hostile rows and files

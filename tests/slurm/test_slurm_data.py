@@ -61,17 +61,20 @@ def test_build_shards_chain_equals_a_local_run(slurm_cluster, job_env, tmp_path)
             stderr=subprocess.STDOUT, text=True)
         chain = [(int(job), what) for job, what in re.findall(r"job (\d+): (.*)", driver.output)]
         for job, what in chain:  # in order, so a failing link fails the test at once
-            if what.startswith("dataset"):
-                assert slurm_cluster.wait_job(job, timeout=240) in ("COMPLETED", "PURGED"), job_logs(logs)
+            assert slurm_cluster.wait_job(job, timeout=240) in ("COMPLETED", "PURGED"), job_logs(logs)
         reference_log = local.communicate(timeout=240)[0]
     assert local.returncode == 0, reference_log[-4000:]
-    assert [what for _, what in chain] == [
-        "2 tasks x shard phase of download,basic,clip_score (4 input parts)", "dataset phase of clip_score",
-        "2 tasks x shard phase of dedupe (4 input parts)", "dataset phase of dedupe",
-        "2 tasks x shard phase of reshard (4 input parts)", "dataset phase of reshard",
+    levels = [f"{k}-{level}" for k, level in enumerate(["rows", "exact", "phash", "pixel", "embedding"])]
+    assert [what for _, what in chain] == [  # every dataset-wide phase an array of its own (one job when once)
+        "2 tasks x shard phase of download,basic,clip_score (4 input parts)",
+        *(f"{n} tasks x dataset phase clip_score/{p}" for n, p in [(2, "histogram"), (1, "bin"), (2, "candidates"), (1, "cut"), (2, "decide")]),
+        "2 tasks x shard phase of dedupe (4 input parts)",
+        *(f"{n} tasks x dataset phase dedupe/{k}/{p}" for k in levels for n, p in [(2, "map"), (1, "reduce"), (1, "merge")]),
+        "2 tasks x dataset phase dedupe/decide",
+        *(f"{n} tasks x dataset phase reshard/{p}" for n, p in [(2, "survivors"), (1, "plan"), (2, "shards"), (2, "manifest"), (1, "finalize")]),
     ]
     task_logs = job_logs(logs)
-    assert "task 0/2" in task_logs and "task 1/2" in task_logs
+    assert "task 0/2" in task_logs and "task 1/2" in task_logs and "dataset phase dedupe/2-phash/map, task 1/2" in task_logs
 
     slurm, local = tmp_path / "slurm", tmp_path / "local"
     assert (slurm / "manifest.parquet").exists(), job_logs(logs)

@@ -1,0 +1,132 @@
+"""The dataset-wide phases as partitioned tasks: the same decisions as one pass over every row.
+
+A synthetic dedupe input of 3 interleaved parts (planted uid, sha256 and pHash copies, images
+too small to hash, a crowd sharing a band value) runs through the step's phases with partitions
+small enough that every level spreads over several reduce tasks. The reference is the cascade
+over all rows at once (np.unique first-of-group; filter/phash.py's banded search and
+filter/near_dup.py's union-find over the whole set), as the build ran it before.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from filter import StepContext, phash
+from filter.dedupe import Dedupe, DedupeConfig
+from filter.near_dup import groups
+from pipeline import reshard
+from pipeline.core.io import write_json, write_parquet
+from pipeline.core.shards import Layout
+
+PARTS, PART_SIZE, LEVELS = 3, 200, ["rows", "exact", "phash"]
+
+
+def synthetic(seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    n = PARTS * PART_SIZE
+    uid = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+    sha = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+    hashes = rng.integers(0, 2**63, (n, 2), dtype=np.uint64)
+    for i in rng.choice(n, 40, replace=False):  # same uid as an earlier or later row
+        uid[i] = uid[rng.integers(n)]
+    for i in rng.choice(n, 60, replace=False):
+        sha[i] = sha[rng.integers(n)]
+    for i in rng.choice(n, 120, replace=False):  # near copies: a few bits flipped, some of the mirror
+        j, bits = rng.integers(n), rng.choice(64, rng.integers(0, 7), replace=False)
+        flip = np.uint64(sum(1 << int(b) for b in bits))
+        hashes[i] = (hashes[j, 1] ^ flip, hashes[j, 0]) if i % 3 == 0 else (hashes[j, 0] ^ flip, hashes[j, 1])
+    crowd = rng.choice(n, 100, replace=False)  # one band's value shared by many: the window bounds the work
+    hashes[crowd, 0] = (hashes[crowd, 0] & ~np.uint64(0xFFF)) | np.uint64(0xABC)
+    hashed = rng.random(n) > 0.1
+    hexes = lambda a: [bytes(r).hex() for r in a]
+    return pa.table({"row": np.arange(n), "reason": [""] * n, "uid": hexes(uid), "sha256": hexes(sha),
+                     "caption_norm": ["a caption"] * n,
+                     "phash": pa.array(hashes[:, 0], mask=~hashed), "phash_mirror": pa.array(hashes[:, 1], mask=~hashed)})
+
+
+def reference(table: pa.Table, cfg: DedupeConfig) -> dict[int, str]:
+    """The cascade over every row at once."""
+    rows = table["row"].to_numpy()
+    alive, out = np.arange(len(rows)), {}
+    for level in cfg.levels:
+        if level == "phash":
+            valid = table["phash"].is_valid().to_numpy(zero_copy_only=False)[alive]
+            h = np.stack([table[c].fill_null(0).to_numpy()[alive] for c in ("phash", "phash_mirror")], 1)
+            pairs = np.flatnonzero(valid)[phash.matching_pairs(h[valid], cfg.phash)]
+            root, reason = groups(len(alive), pairs), "near_dup"
+        else:
+            column = {"rows": "uid", "exact": "sha256"}[level]
+            _, first, inverse = np.unique(table[column].to_numpy(zero_copy_only=False)[alive], return_index=True, return_inverse=True)
+            root, reason = first[inverse], {"rows": "duplicate_row", "exact": "exact_dup"}[level]
+        dropped = root != np.arange(len(alive))
+        out.update({int(rows[i]): reason for i in alive[dropped]})
+        alive = alive[~dropped]
+    return out
+
+
+def write_input(root, table: pa.Table) -> Layout:
+    layout = Layout(str(root))
+    write_json(layout.input_index, {"parts": PARTS, "part_size": PART_SIZE})
+    for part in range(PARTS):  # interleaved, as prepare's host interleaving leaves them
+        write_parquet(layout.step("dedupe", part), table.take(np.arange(part, table.num_rows, PARTS)))
+    return layout
+
+
+def decided(layout: Layout) -> dict[int, str]:
+    tables = [pq.read_table(layout.decisions("dedupe", p)) for p in range(PARTS)]
+    return {r: why for t in tables for r, why in zip(t["row"].to_pylist(), t["reason"].to_pylist())}
+
+
+def run_all(step: Dedupe) -> None:
+    for phase in step.phases():
+        for task in range(phase.tasks):
+            phase.run(task)
+
+
+CFG = DedupeConfig(levels=LEVELS, partition_rows=200)
+
+
+def test_partitioned_cascade_equals_one_pass_over_every_row(tmp_path):
+    table = synthetic()
+    step = Dedupe(CFG, StepContext(write_input(tmp_path, table), "dedupe"))
+    reduces = {p.name: p.tasks for p in step.phases() if p.name.endswith("/reduce")}
+    assert reduces == {"dedupe/0-rows/reduce": 3, "dedupe/1-exact/reduce": 3, "dedupe/2-phash/reduce": 30}
+    run_all(step)
+    expected = reference(table, CFG)
+    assert set(expected.values()) == {"duplicate_row", "exact_dup", "near_dup"} and len(expected) > 100
+    assert decided(step.context.layout) == expected
+
+
+def test_a_partition_task_killed_mid_write_resumes_to_the_same_decisions(tmp_path):
+    table = synthetic(seed=1)
+    layout = write_input(tmp_path / "out", table)
+    step = Dedupe(CFG, StepContext(layout, "dedupe"))
+    phases = step.phases()
+    reduce_at = next(i for i, p in enumerate(phases) if p.name == "dedupe/2-phash/reduce")
+    for phase in phases[:reduce_at]:
+        for task in range(phase.tasks):
+            phase.run(task)
+    # A real process runs the phase's tasks through the CLI and is SIGKILLed as it renames its first output.
+    kill_on_rename = ("import os, signal, pipeline.core.io as io; "
+                      "io.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
+                      "from pipeline.build_shards import main; main(sys.argv[1:])")
+    command = [sys.executable, "-c", "import sys; " + kill_on_rename, "--output", str(layout.root), "--phase", "dedupe/2-phash/reduce",
+               "--task", "0/1", "steps=[dedupe]", f"dedupe.levels=[{','.join(LEVELS)}]", "dedupe.partition_rows=200", "log_level=WARNING"]
+    killed = subprocess.run(command, env={**os.environ, "PYTHONPATH": os.getcwd()}, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    pairs = tmp_path / "out" / "steps" / "dedupe" / "levels" / "2-phash" / "pairs"
+    assert not list(pairs.glob("*.parquet")) and list(pairs.glob("*.tmp-*"))  # nothing half-written is visible
+    run_all(Dedupe(CFG, StepContext(layout, "dedupe")))  # the same phases again: the killed task redone, the rest skipped
+    assert decided(layout) == reference(table, CFG)
+
+
+@pytest.mark.parametrize("total,count", [(10, 3), (305, 4), (7, 7), (1000, 9)])
+def test_shard_runs_from_the_prefix_sum_match_a_cut_of_every_row(total, count):
+    bounds = reshard.shard_bounds(total, count)
+    assert np.array_equal(np.repeat(np.arange(count), np.diff(bounds)), np.arange(total) * count // total)
