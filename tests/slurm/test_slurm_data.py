@@ -69,7 +69,8 @@ def test_build_shards_chain_equals_a_local_run(slurm_cluster, job_env, tmp_path)
         "2 tasks x shard phase of download,basic,clip_score (4 input parts)",
         *(f"{n} tasks x dataset phase clip_score/{p}" for n, p in [(2, "histogram"), (1, "bin"), (2, "candidates"), (1, "cut"), (2, "decide")]),
         "2 tasks x shard phase of dedupe (4 input parts)",
-        *(f"{n} tasks x dataset phase dedupe/{k}/{p}" for k in levels for n, p in [(2, "map"), (1, "reduce"), (1, "merge")]),
+        *(f"{n} tasks x dataset phase dedupe/{k}/{p}" for k in levels
+          for n, p in [(1, "prepare")] * k.endswith(("pixel", "embedding")) + [(2, "map"), (1, "reduce"), (1, "merge")]),
         "2 tasks x dataset phase dedupe/decide",
         *(f"{n} tasks x dataset phase reshard/{p}" for n, p in [(2, "survivors"), (1, "plan"), (2, "shards"), (2, "manifest"), (1, "finalize")]),
     ]
@@ -136,7 +137,8 @@ def test_download_script_then_chain_links_wait_on_each_other_and_a_resubmit_resu
         driver = slurm_cluster.sbatch(REPO / "slurm" / "build_shards.sh", "configs/data/default.yaml", *CHAIN_OVERRIDES,
                                       env=env, cwd=REPO, timeout=120).check()
         chain = [int(job) for job in re.findall(r"job (\d+): ", driver.output)]
-        assert len(chain) == 4, driver.output  # [download,basic,dedupe] -> dedupe -> [reshard] -> reshard
+        # [download,basic,dedupe] shard array, then each dataset phase of dedupe and reshard: 13 links
+        assert len(chain) == 13 and "job %d: 2 tasks x shard phase of download,basic,dedupe" % chain[0] in driver.output, driver.output
         subprocess.run(["scontrol", "hold", str(chain[1])], env=slurm_cluster.env, check=True)  # cancelled below: a failed link
         for before, job in zip(chain, chain[1:]):
             assert re.fullmatch(rf"afterok:{before}(_\*)?\(unfulfilled\)", slurm_cluster.dependency(job)), job
@@ -146,8 +148,8 @@ def test_download_script_then_chain_links_wait_on_each_other_and_a_resubmit_resu
         subprocess.run(["scancel", str(chain[1])], env=slurm_cluster.env, check=True)
         _wait_for(lambda: squeue(slurm_cluster, chain[2]) == "PENDING DependencyNeverSatisfied", 60, "the next link to be held back", logs)
         assert squeue(slurm_cluster, chain[3]) == "PENDING Dependency"  # and the one after it waits on that one
-        assert not (out / "manifest.parquet").exists() and not (out / "steps" / "dedupe" / "decisions.parquet").exists()
-        subprocess.run(["scancel", str(chain[2]), str(chain[3])], env=slurm_cluster.env, check=True)
+        assert not (out / "manifest.parquet").exists() and not (out / "steps" / "dedupe" / "decisions").exists()
+        subprocess.run(["scancel", *map(str, chain[2:])], env=slurm_cluster.env, check=True)
         finished = downloaded
         finished.update({p: p.stat().st_mtime_ns for p in (out / "steps").rglob("*.parquet")})
 
