@@ -66,7 +66,8 @@ def global_batch(name: str, objective) -> dict[str, torch.Tensor]:
     if name in ("simclr", "moco_v2"):
         return {"view1": images(), "view2": images()}
     batch = {"image": images(), **build_tokenizer(objective.model.contract)(CAPTIONS)}
-    return {**batch, "sample_id": torch.arange(GLOBAL_BATCH)} if name == "albef" else batch
+    ids = torch.arange(GLOBAL_BATCH)  # one caption per image, as the loader gives without data.image_id_key
+    return {**batch, "sample_id": ids, "image_id": ids}
 
 
 def local(batch: dict, rank: int, world: int) -> dict:
