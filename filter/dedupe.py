@@ -67,7 +67,7 @@ class EmbeddingDedupeConfig:
 @dataclasses.dataclass(kw_only=True)
 class DedupeConfig:
     levels: list[str] = dataclasses.field(default_factory=lambda: ["rows", "exact", "phash", "pixel", "embedding"])
-    partition_rows: int = 4_000_000  # map records one reduce task holds, about: partitions = ceil(records / this)
+    partition_rows: int = 1_000_000  # map records one reduce task holds, about: partitions = ceil(records / this)
     phash: phash.PhashConfig = dataclasses.field(default_factory=phash.PhashConfig)
     pixel: PixelDedupeConfig = dataclasses.field(default_factory=PixelDedupeConfig)
     embedding: EmbeddingDedupeConfig = dataclasses.field(default_factory=EmbeddingDedupeConfig)
