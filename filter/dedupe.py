@@ -3,7 +3,7 @@
 Levels (run in the configured order, each on what the previous ones kept):
 - ``rows``: the same uid twice (the same url and caption listed again) -> duplicate_row
 - ``exact``: the same sha256 of the downloaded bytes -> exact_dup
-- ``phash``: photos within a few bits of pHash, banded to scale (see filter/phash.py) -> near_dup
+- ``phash``: photos within a few bits of pHash, candidates per multi-index key (see filter/phash.py) -> near_dup
 - ``pixel``: the same picture re-encoded, resized, shifted or mirrored (filter/near_dup.py; bucketed: filter/pixel_dedupe.py) -> near_dup
 - ``embedding``: SemDeDup (filter/semdedup.py): k-means over image embeddings, then pairs within a cluster whose cosine
   passes ``threshold`` (and, optionally, beats each item's k-th neighbour by ``margin``, a
@@ -176,53 +176,29 @@ class Caption(KeyLevel):
 
 @LEVELS.register("phash")
 class Phash(Level):
-    """Candidates per band value: every (band, value) is one partition's, so a reduce task sees all
-    the hashes sharing it and compares each with its next ``window`` neighbours (filter/phash.py)."""
+    """Candidates per key value: every (key, value) is one partition's, so a reduce task sees all the
+    hashes sharing it and compares each with its next ``window`` neighbours (filter/phash.py)."""
 
     reason = "near_dup"
 
     @property
     def fanout(self) -> float:
-        return 2 * (self.ctx.cfg.phash.max_distance + 1)  # both orientations, every band
+        return 2 * len(phash.key_masks(self.ctx.cfg.phash))  # both orientations, every key
 
     def map(self, part: int, table: pa.Table) -> dict[int, pa.Table]:
         table = table.filter(table["phash"].is_valid())
         hashes = np.stack([table[c].to_numpy() for c in ("phash", "phash_mirror")], 1).astype(np.uint64)
-        n, masks = len(hashes), phash._bands(self.ctx.cfg.phash.max_distance)
-        band = np.repeat(np.arange(len(masks), dtype=np.int8), 2 * n)
-        orient = np.tile(np.repeat(np.arange(2, dtype=np.int8), n), len(masks))
-        flat = np.tile(np.concatenate([hashes[:, 0], hashes[:, 1]]), len(masks))
-        key = flat & np.repeat(np.array(masks, np.uint64), 2 * n)
-        take = np.tile(np.arange(n), 2 * len(masks))
-        out = pa.table({"row": table["row"].take(take), "part": table["part"].take(take), "band": band, "orient": orient,
-                        "key": key, "flat": flat, "h0": hashes[take, 0], "h1": hashes[take, 1]})
-        mixed = (key ^ band.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)  # a band value -> one partition
+        item, orient, key, value = phash.candidate_keys(hashes, self.ctx.cfg.phash)
+        # the reduce recomputes the key value from the hashes: records stay 30 bytes
+        out = pa.table({"row": table["row"].take(item), "part": table["part"].cast(pa.int32()).take(item), "key": key,
+                        "orient": orient, "h0": hashes[item, 0], "h1": hashes[item, 1]})
+        mixed = (value ^ key.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)  # a key value -> one partition
         partition = ((mixed >> np.uint64(32)) % np.uint64(self.partitions)).astype(np.int64)
         return {int(p): out.filter(pa.array(partition == p)) for p in np.unique(partition)}
 
     def reduce(self, partition: int, table: pa.Table) -> np.ndarray:
-        col = {c: table[c].to_numpy() for c in ("row", "band", "orient", "key", "flat", "h0", "h1")}
-        found = []
-        for band in np.unique(col["band"]):
-            mine = np.flatnonzero(col["band"] == band)
-            # same band value together, similar hashes side by side; ties in the order the whole-pool search had
-            order = mine[np.lexsort((col["row"][mine], col["orient"][mine], col["flat"][mine], col["key"][mine]))]
-            key, row, h0, h1 = (col[c][order] for c in ("key", "row", "h0", "h1"))
-            for offset in range(1, min(self.ctx.cfg.phash.window, len(order) - 1) + 1):
-                same = np.flatnonzero(key[:-offset] == key[offset:])
-                if len(same) == 0:
-                    break
-                found.append(self._matches(row, h0, h1, same, same + offset))  # candidates tested at once: memory ~ matches
-        if not found:
-            return NO_PAIRS
-        return np.unique(np.concatenate(found), axis=0)
-
-    def _matches(self, row, h0, h1, i, j) -> np.ndarray:
-        """The candidates (i, j) within ``max_distance``, as (smaller row, larger row) pairs."""
-        swap = row[i] > row[j]
-        a, b = np.where(swap, j, i), np.where(swap, i, j)  # measured from the earlier row, as the whole-pool search did
-        keep = (row[a] != row[b]) & (np.minimum(phash.hamming(h0[a], h0[b]), phash.hamming(h0[a], h1[b])) <= self.ctx.cfg.phash.max_distance)
-        return np.stack([row[a][keep], row[b][keep]], 1)
+        col = {c: table[c].to_numpy() for c in ("row", "orient", "key", "h0", "h1")}
+        return phash.close_pairs(col["row"], col["orient"], col["key"], col["h0"], col["h1"], self.ctx.cfg.phash)
 
 
 @dataclasses.dataclass
@@ -371,7 +347,7 @@ class Dedupe(Step):
 def _lookup(table: pa.Table, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The parts of both rows of every pair, from the reduce task's input."""
     rows, first = np.unique(table["row"].to_numpy(), return_index=True)
-    part = table["part"].to_numpy()[first]
+    part = table["part"].to_numpy()[first].astype(np.int64)  # one type in every pairs file (phash's records carry int32)
     return part[np.searchsorted(rows, pairs[:, 0])], part[np.searchsorted(rows, pairs[:, 1])]
 
 

@@ -1,9 +1,9 @@
 """The dataset-wide phases as partitioned tasks: the same decisions as one pass over every row.
 
 A synthetic dedupe input of 3 interleaved parts (planted uid, sha256 and pHash copies, images
-too small to hash, a crowd sharing a band value) runs through the step's phases with partitions
+too small to hash, a crowd sharing a key value) runs through the step's phases with partitions
 small enough that every level spreads over several reduce tasks. The reference is the cascade
-over all rows at once (np.unique first-of-group; filter/phash.py's banded search and
+over all rows at once (np.unique first-of-group; filter/phash.py's keyed search and
 filter/near_dup.py's union-find over the whole set), as the build ran it before.
 """
 
@@ -41,8 +41,8 @@ def synthetic(seed: int = 0) -> pa.Table:
         j, bits = rng.integers(n), rng.choice(64, rng.integers(0, 7), replace=False)
         flip = np.uint64(sum(1 << int(b) for b in bits))
         hashes[i] = (hashes[j, 1] ^ flip, hashes[j, 0]) if i % 3 == 0 else (hashes[j, 0] ^ flip, hashes[j, 1])
-    crowd = rng.choice(n, 100, replace=False)  # one band's value shared by many: the window bounds the work
-    hashes[crowd, 0] = (hashes[crowd, 0] & ~np.uint64(0xFFF)) | np.uint64(0xABC)
+    crowd = rng.choice(n, 100, replace=False)  # one key's value (the low 2 of 6 blocks) shared by many: the window bounds the work
+    hashes[crowd, 0] = (hashes[crowd, 0] & ~np.uint64(0x1FFFFF)) | np.uint64(0xABCDE)
     hashed = rng.random(n) > 0.1
     hexes = lambda a: [bytes(r).hex() for r in a]
     return pa.table({"row": np.arange(n), "reason": [""] * n, "uid": hexes(uid), "sha256": hexes(sha),
@@ -96,7 +96,7 @@ def test_partitioned_cascade_equals_one_pass_over_every_row(tmp_path):
     table = synthetic()
     step = Dedupe(CFG, StepContext(write_input(tmp_path, table), "dedupe"))
     reduces = {p.name: p.tasks for p in step.phases() if p.name.endswith("/reduce")}
-    assert reduces == {"dedupe/0-rows/reduce": 3, "dedupe/1-exact/reduce": 3, "dedupe/2-phash/reduce": 30}
+    assert reduces == {"dedupe/0-rows/reduce": 3, "dedupe/1-exact/reduce": 3, "dedupe/2-phash/reduce": 90}
     run_all(step)
     expected = reference(table, CFG)
     assert set(expected.values()) == {"duplicate_row", "exact_dup", "near_dup"} and len(expected) > 100
