@@ -355,7 +355,8 @@ def roots(level: str, features: Features, cfg: DedupeConfig) -> np.ndarray:
     """(n,) the position of the item each item's group keeps: level ``level`` run in memory over one
     part, through the same map, reduce and merge as the build (tests, benchmarks)."""
     n = len(features.rows)
-    table = pa.table({"row": np.asarray(features.rows, np.int64), "uid": features.uid, "sha256": features.sha256, "caption_norm": features.caption,
+    text = {"uid": features.uid, "sha256": features.sha256, "caption_norm": features.caption}  # what the level has (the embedding one: none)
+    table = pa.table({"row": np.asarray(features.rows, np.int64), **{k: v for k, v in text.items() if v is not None},
                       "part": np.zeros(n, np.int64), "index": np.arange(n)})
     if features.phash is not None:
         valid = ~np.asarray(features.has_phash, bool)
