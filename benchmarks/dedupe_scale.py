@@ -149,9 +149,9 @@ def _task(args) -> tuple[float, float]:
     if phase == "prepare":
         lvl.prepare()
     elif phase == "map":
-        write_partitioned(f"{folder}/map/{i:06d}.parquet", lvl.map(i, lvl.ctx.alive(i)))
+        write_partitioned(f"{folder}/map/{i:06d}.arrow", lvl.map(i, lvl.ctx.alive(i)), lvl.partitions)
     else:
-        table = read_partition([f"{folder}/map/{p:06d}.parquet" for p in range(len(paths))], i)
+        table = read_partition([f"{folder}/map/{p:06d}.arrow" for p in range(len(paths))], i)
         np.save(f"{folder}/pairs-{i:06d}.npy", NO_PAIRS if table is None else lvl.reduce(i, table))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_maxrss / 2**20, usage.ru_utime + usage.ru_stime

@@ -17,9 +17,9 @@ pairs of every partition into groups (connected components; the group's smallest
 survives). A ``decide`` task per part then writes the step's decisions. The files:
 
     steps/dedupe/{part}.parquet, {part}.thumbs.npy, {part}.embed.npy    the shard phase (row-aligned)
-    steps/dedupe/levels/{k}-{level}/map/{part}.parquet      a row group per partition
+    steps/dedupe/levels/{k}-{level}/map/{part}.arrow        a record batch per partition
     steps/dedupe/levels/{k}-{level}/pairs/{partition}.parquet   a, b (input rows), part_a, part_b
-    steps/dedupe/levels/{k}-{level}/drops.parquet           row; a row group per part
+    steps/dedupe/levels/{k}-{level}/drops.arrow             row; a record batch per part
     steps/dedupe/levels/{k}-{level}/...                     the level's own files (prepare, per part)
     steps/dedupe/decisions/{part}.parquet                   row, reason
 """
@@ -273,7 +273,7 @@ class Dedupe(Step):
         table = read_parquet(self.context.layout.step(self.context.name, part))
         table = table.append_column("part", pa.array(np.full(table.num_rows, part, np.int64)))
         table = table.append_column("index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-        gone = [t["row"] for j in range(k) if (t := read_partition([f"{self.folder(j)}/drops.parquet"], part)) is not None]
+        gone = [t["row"] for j in range(k) if (t := read_partition([f"{self.folder(j)}/drops.arrow"], part)) is not None]
         if gone:
             table = table.filter(pc.invert(pc.is_in(table["row"], pa.chunked_array(gone).combine_chunks())))
         return table.sort_by("row")
@@ -297,23 +297,24 @@ class Dedupe(Step):
                 pass
 
     def map(self, k: int, part: int) -> None:
-        path = f"{self.folder(k)}/map/{part:06d}.parquet"
+        path = f"{self.folder(k)}/map/{part:06d}.arrow"
         if not exists(path):
-            write_partitioned(path, self.level(k).map(part, self.alive(k, part)))
+            level = self.level(k)
+            write_partitioned(path, level.map(part, self.alive(k, part)), level.partitions)
 
     def reduce(self, k: int, partition: int) -> None:
         path = f"{self.folder(k)}/pairs/{partition:06d}.parquet"
         if exists(path):
             return
         level = self.level(k)
-        table = read_partition([f"{self.folder(k)}/map/{p:06d}.parquet" for p in range(self.context.parts)], partition)
+        table = read_partition([f"{self.folder(k)}/map/{p:06d}.arrow" for p in range(self.context.parts)], partition)
         pairs = NO_PAIRS if table is None else level.reduce(partition, table)
         part_of = _lookup(table, pairs) if len(pairs) else (np.zeros(0, np.int64),) * 2
         write_parquet(path, pa.table({"a": pairs[:, 0], "b": pairs[:, 1], "part_a": part_of[0], "part_b": part_of[1]}))
 
     def merge(self, k: int) -> None:
         """Groups of copies over every partition's pairs; all but the smallest row of each are dropped."""
-        path = f"{self.folder(k)}/drops.parquet"
+        path = f"{self.folder(k)}/drops.arrow"
         if exists(path):
             return
         tables = [read_parquet(f"{self.folder(k)}/pairs/{p:06d}.parquet") for p in range(self.level(k).partitions)]
@@ -325,8 +326,8 @@ class Dedupe(Step):
         drop = nodes != root
         out = pa.table({"row": nodes[drop], "part": part[drop]})
         by_part = out["part"].to_numpy()
-        write_partitioned(path, {int(p): out.filter(pa.array(by_part == p)) for p in np.unique(by_part)},
-                          schema=pa.schema([("row", pa.int64()), ("part", pa.int64()), ("partition", pa.int32())]))
+        write_partitioned(path, {int(p): out.filter(pa.array(by_part == p)) for p in np.unique(by_part)}, self.context.parts,
+                          schema=out.schema)
         log.info("dedupe %s: %d dropped as %s", self.cfg.levels[k], drop.sum(), self.level(k).reason)
 
     def decide(self, part: int) -> None:
@@ -335,7 +336,7 @@ class Dedupe(Step):
             return
         rows, reasons = [], []
         for k in range(len(self.cfg.levels)):
-            table = read_partition([f"{self.folder(k)}/drops.parquet"], part)
+            table = read_partition([f"{self.folder(k)}/drops.arrow"], part)
             if table is not None:
                 rows.append(table["row"].to_numpy())
                 reasons += [self.level(k).reason] * table.num_rows

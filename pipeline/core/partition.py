@@ -1,9 +1,11 @@
 """Partitioned intermediates: a map task's output cut by partition, read back one partition at a time.
 
-A map task (one input part) writes one parquet file holding one row group per partition, so the
-file appears atomically and a reduce task (one partition) reads only its row groups of every
-part's file (parquet statistics skip the others). Plain parquet on any fsspec filesystem: no
-shuffle service. ``components`` merges the pairs the reduce tasks found.
+A map task (one input part) writes one Arrow IPC file whose record batch ``i`` holds partition
+``i`` (empty when the part sent nothing there), so the file appears atomically and a reduce task
+(one partition) reads one batch of every part's file by its offset in the footer: constant work
+per file, whatever the partition count (a parquet footer with a row group per partition is parsed
+whole by every reader, so M maps x R reduces cost M x R^2). Plain files on any fsspec filesystem:
+no shuffle service. ``components`` merges the pairs the reduce tasks found.
 """
 
 from __future__ import annotations
@@ -14,42 +16,32 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.core.io import atomic_write
 
-PARTITION = "partition"  # the column that says which partition a map row belongs to
+def write_partitioned(path: str, tables: dict[int, pa.Table], partitions: int, schema: pa.Schema | None = None) -> None:
+    """One file, record batch ``p`` = partition ``p`` of ``range(partitions)``, written atomically
+    (no batch at all when there are no rows and no ``schema``: every read finds nothing)."""
+    tables = {p: t for p, t in tables.items() if t.num_rows}
+    schema = schema or (next(iter(tables.values())).schema if tables else pa.schema([]))
+    with atomic_write(path) as f, pa.ipc.new_file(f, schema) as writer:
+        for p in range(partitions if tables or len(schema) else 0):
+            table = tables.get(p)
+            writer.write_batch(table.cast(schema).combine_chunks().to_batches()[0] if table is not None
+                               else pa.RecordBatch.from_pylist([], schema=schema))
 
 
-def write_partitioned(path: str, tables: dict[int, pa.Table], schema: pa.Schema | None = None) -> None:
-    """One file, one row group per partition (with a ``partition`` column), written atomically."""
-    tables = {p: t.append_column(PARTITION, pa.array(np.full(t.num_rows, p, np.int32))) for p, t in sorted(tables.items()) if t.num_rows}
-    if schema is None:
-        schema = next(iter(tables.values())).schema if tables else pa.schema([(PARTITION, pa.int32())])
-    with atomic_write(path) as f, pq.ParquetWriter(f, schema) as writer:
-        for table in tables.values():
-            writer.write_table(table.cast(schema), row_group_size=max(1, table.num_rows))
-
-
-def read_partition(paths: list[str], partition: int, column: str = PARTITION) -> pa.Table | None:
-    """The rows of ``partition`` from every file (None when no file has any), ``partition`` column dropped."""
+def read_partition(paths: list[str], partition: int) -> pa.Table | None:
+    """The rows of ``partition`` from every file (None when no file has any)."""
     found = []
     for path in paths:
         with fsspec.open(path, "rb") as f:
-            file = pq.ParquetFile(f)
-            index = file.schema_arrow.get_field_index(column)
-            groups = [g for g in range(file.num_row_groups) if _may_hold(file.metadata.row_group(g), index, partition)]
-            if groups:
-                table = file.read_row_groups(groups)
-                found.append(table.filter(pc.equal(table[column], partition)).drop_columns([column]))
+            reader = pa.ipc.open_file(f)
+            if partition < reader.num_record_batches and (batch := reader.get_batch(partition)).num_rows:
+                found.append(pa.Table.from_batches([batch]))
     return pa.concat_tables(found) if found else None
-
-
-def _may_hold(group, index: int, value: int) -> bool:
-    stats = group.column(index).statistics
-    return stats is None or not stats.has_min_max or stats.min <= value <= stats.max
 
 
 def hash_partition(digests: np.ndarray, partitions: int) -> np.ndarray:
