@@ -1,23 +1,17 @@
 """Bucketed pair search with memory bounded per task: the inverted-file (IVF) layout of faiss, cut into tasks.
 
 Comparing every pair of n items is quadratic, and one index over all of them does not fit one
-task. So, as an IVF index does, a coarse quantiser lists each item in one bucket (its nearest
-centroid's inverted list) and each item queries the lists of its ``probes`` nearest centroids
-(faiss' nprobe): a copy near a bucket boundary still finds its original, as long as one's list is
-among the other's probes. A row costs ``probes x bucket size`` comparisons. (Listing every item in
-all its probed buckets and comparing all members finds fewer pairs for the same work: 2 probes
-that way cost what 4 cost here; on benchmarks/curation_scale.py's 4M embeddings, 800 centroids,
-5.3% of the planted copies shared none of their probed buckets that way, 1.6% here.) As a dedupe level (:class:`BucketLevel`, filter/dedupe.py's interface):
+task. So, as an IVF index does, a coarse quantiser sends each item to a few buckets and pairs are
+sought only within a bucket. As a dedupe level (:class:`BucketLevel`, filter/dedupe.py's interface):
 
 - ``prepare`` (once): spherical k-means with ``n / bucket size`` centroids on a fixed-size seeded
   sample of the rows in the running (training cost and memory independent of n; faiss on GPU
   when one is present), saved as ``centroids.npy`` in the level's folder;
-- ``map`` (per part): each row's nearest ``probes`` centroids for each of its keys, computed in
-  chunks from the part's memory-mapped array; a record (row, part, index, bucket, listed) per
-  bucket it queries (``listed``: the bucket of its first key's nearest centroid), sent to
-  partition ``bucket % partitions``;
+- ``map`` (per part): each row's nearest ``probes`` centroids for each of its keys (copies near a
+  bucket boundary still meet), computed in chunks from the part's memory-mapped array; a record
+  (row, part, index, bucket) per bucket it joins, sent to partition ``bucket % partitions``;
 - ``reduce`` (per partition): bucket by bucket, load only that bucket's members from the parts'
-  memory-mapped arrays and find the pairs between them and the bucket's listed rows.
+  memory-mapped arrays and find the pairs among them.
 
 Memory: a map holds a chunk, a reduce its records and one bucket's members (not the dataset).
 """
@@ -77,13 +71,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+
 class BucketLevel(Level):
     """A level whose pairs lie within buckets of a k-means quantiser over ``keys`` of an array kind.
 
     A subclass names ``kind`` ("embed" | "thumbs"), ``n_keys`` (key vectors per row) and implements
     ``keys(x) -> [(m, d) float32] * n_keys``, ``settings() -> (bucket size, probes, sample)`` and
-    ``find_pairs(x, listed) -> (p, 2)`` local pairs (i < j) between one bucket's rows ``x`` (in row
-    order) and those of them listed there (positions ``listed``, sorted)."""
+    ``find_pairs(x) -> (p, 2)`` local pairs among one bucket's rows (in row order)."""
 
     kind: str
     n_keys = 1
@@ -100,7 +94,7 @@ class BucketLevel(Level):
     def keys(self, x: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError
 
-    def find_pairs(self, x: np.ndarray, listed: np.ndarray) -> np.ndarray:
+    def find_pairs(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     @property
@@ -129,23 +123,21 @@ class BucketLevel(Level):
             keys = self.keys(np.asarray(array[index[start : start + self.chunk_rows]]))
             assigned.append(np.hstack([assign(k, centroids, probes, self.chunk_rows) for k in keys]))
         assigned = np.concatenate(assigned)
-        n = max(1, len(index))
         position = np.repeat(np.arange(len(index)), assigned.shape[1])
-        key = np.unique(assigned.ravel().astype(np.int64) * n + position)  # each (bucket, row) once
-        bucket, position = key // n, key % n
-        listed = np.isin(key, assigned[:, 0].astype(np.int64) * n + np.arange(len(index)))
+        key = np.unique(assigned.ravel().astype(np.int64) * max(1, len(index)) + position)  # each (bucket, row) once
+        bucket, position = key // max(1, len(index)), key % max(1, len(index))
         out = pa.table({"row": table["row"].take(position), "part": table["part"].take(position),
-                        "index": pa.array(index[position]), "bucket": pa.array(bucket.astype(np.int32)), "listed": listed})
+                        "index": pa.array(index[position]), "bucket": pa.array(bucket.astype(np.int32))})
         partition = bucket % self.partitions
         return {int(p): out.filter(pa.array(partition == p)) for p in np.unique(partition)}
 
     def reduce(self, partition: int, table: pa.Table) -> np.ndarray:
         table = table.sort_by([("bucket", "ascending"), ("row", "ascending")])
-        row, part, index, bucket, listed = (table[c].to_numpy() for c in ("row", "part", "index", "bucket", "listed"))
+        row, part, index, bucket = (table[c].to_numpy() for c in ("row", "part", "index", "bucket"))
         bounds = np.flatnonzero(np.diff(bucket)) + 1
         found = [NO_PAIRS]
         for lo, hi in zip([0, *bounds], [*bounds, len(bucket)]):
-            if hi - lo < 2 or not listed[lo:hi].any():
+            if hi - lo < 2:
                 continue
             members = None
             for p in np.unique(part[lo:hi]):  # only this bucket's rows, part by part, placed in row order
@@ -153,5 +145,5 @@ class BucketLevel(Level):
                 x = np.asarray(self.ctx.arrays(int(p), self.kind)[index[lo:hi][mine]])
                 members = np.empty((hi - lo, *x.shape[1:]), x.dtype) if members is None else members
                 members[mine] = x
-            found.append(row[lo:hi][self.find_pairs(members, np.flatnonzero(listed[lo:hi]))])
+            found.append(row[lo:hi][self.find_pairs(members)])
         return np.concatenate(found).astype(np.int64)

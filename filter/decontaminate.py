@@ -80,5 +80,5 @@ class Decontaminate(Step):
         if not batch:
             return decisions(rows, [])
         thumbs = np.stack([thumbnail(s["image"], self.cfg.pixel) for s in batch])
-        copies = set(matching_pairs(thumbs, self.eval_thumbs(), self.cfg.pixel)[:, 0].tolist())
+        copies = set(matching_pairs(thumbs, self.eval_thumbs(), self.cfg.pixel, exclude_self=False)[:, 0].tolist())
         return decisions(rows, ["eval_copy" if i in copies else "" for i in range(len(batch))])

@@ -59,7 +59,7 @@ class EmbeddingDedupeConfig:
     margin: float = 0.0  # and at least this much above both items' k-th neighbour similarity
     background_k: int = 10
     cluster_size: int = 2000  # SemDeDup: n / cluster_size k-means clusters (larger: better recall, quadratic cost)
-    probes: int = 4  # nearest clusters each item is compared within (listed in the nearest): copies on a cluster boundary still meet
+    probes: int = 1  # clusters each item joins (its nearest centroids): copies on a cluster boundary still meet
     sample: int = 262144  # k-means training rows (a fixed seeded sample: every row when there are fewer)
     block_rows: int = 2048  # similarity rows computed at once within a cluster: memory block_rows x members
 

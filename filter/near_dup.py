@@ -31,10 +31,9 @@ class PixelMatchConfig:
 @dataclasses.dataclass(kw_only=True)
 class PixelDedupeConfig(PixelMatchConfig):
     # Dedupe seeks pairs within buckets (an IVF index cut into tasks, filter/pixel_dedupe.py): rows / bucket_size
-    # k-means cells of the descriptors; each image is listed in its descriptor's nearest and searches the nearest
-    # `probes` of its own and of its mirror's.
+    # k-means cells of the descriptors; each image joins the nearest `probes` of its own and of its mirror's.
     bucket_size: int = 20000  # the kNN inside a bucket is exact: a row's cost grows with this, recall too
-    probes: int = 4  # buckets an image searches per orientation: a row costs 2 x probes x bucket_size comparisons
+    probes: int = 2  # buckets an image joins per orientation (its descriptor's nearest cells): 1 lost 10% of copies at 50k rows
     sample: int = 262144  # k-means training rows (a fixed seeded sample: every row when there are fewer)
 
 
@@ -59,23 +58,21 @@ def descriptor(thumbs: np.ndarray, chunk_rows: int = 4096) -> np.ndarray:
     return out
 
 
-def candidates(queries: np.ndarray, base: np.ndarray, k: int, base_rows: np.ndarray | None = None) -> np.ndarray:
-    """(M, 2) unique (query, base) index pairs: each query's k nearest base thumbnails, as is or mirrored.
-    With ``base_rows`` the base is ``queries[base_rows]`` (a search among the queries): pairs of
-    query positions (i < j), none of an image with itself."""
+def candidates(queries: np.ndarray, base: np.ndarray, k: int, exclude_self: bool) -> np.ndarray:
+    """(M, 2) unique (query, base) index pairs: each query's k nearest base thumbnails, as is or mirrored."""
     if len(base) == 0 or len(queries) == 0:
         return np.zeros((0, 2), np.int64)
     index = faiss.IndexFlatIP(64)
     index.add(descriptor(base))
-    k = min(k + int(base_rows is not None), len(base))
+    k = min(k + int(exclude_self), len(base))
     found = [index.search(descriptor(q), k)[1] for q in (queries, queries[:, :, ::-1])]
     q = np.repeat(np.arange(len(queries)), 2 * k)
     b = np.concatenate(found, axis=1).ravel()
-    q, b = q[b >= 0], b[b >= 0]
-    if base_rows is not None:  # (a, b) and (b, a) are the same pair
-        b = np.asarray(base_rows)[b]
-        q, b = np.minimum(q, b)[q != b], np.maximum(q, b)[q != b]
-    return np.unique(np.stack([q, b], 1), axis=0)
+    keep = (b >= 0) & ((q != b) if exclude_self else True)
+    pairs = np.stack([q[keep], b[keep]], 1)
+    if exclude_self:  # (a, b) and (b, a) are the same pair
+        pairs = np.sort(pairs, axis=1)
+    return np.unique(pairs, axis=0)
 
 
 def aligned_rms(a: np.ndarray, b: np.ndarray, max_shift: int) -> np.ndarray:
@@ -99,14 +96,13 @@ def _window_rms(a: torch.Tensor, b: torch.Tensor, s: int) -> torch.Tensor:
     return best
 
 
-def matching_pairs(queries: np.ndarray, base: np.ndarray, cfg: PixelMatchConfig, base_rows: np.ndarray | None = None) -> np.ndarray:
-    """(M, 2) (query, base) pairs that show the same picture (``base_rows``: as :func:`candidates`)."""
-    pairs = candidates(queries, base, cfg.neighbours, base_rows)
-    other = base if base_rows is None else queries
+def matching_pairs(queries: np.ndarray, base: np.ndarray, cfg: PixelMatchConfig, exclude_self: bool) -> np.ndarray:
+    """(M, 2) (query, base) pairs that show the same picture."""
+    pairs = candidates(queries, base, cfg.neighbours, exclude_self)
     same = np.zeros(len(pairs), bool)
     for start in range(0, len(pairs), 65536):
         chunk = pairs[start : start + 65536]
-        same[start : start + len(chunk)] = aligned_rms(queries[chunk[:, 0]], other[chunk[:, 1]], cfg.max_shift) <= cfg.max_rms
+        same[start : start + len(chunk)] = aligned_rms(queries[chunk[:, 0]], base[chunk[:, 1]], cfg.max_shift) <= cfg.max_rms
     return pairs[same]
 
 

@@ -1,10 +1,9 @@
 """The pixel dedupe level as bucketed tasks over memory-mapped thumbnail parts (see filter/near_dup.py).
 
-Buckets are k-means cells of the translation-invariant descriptor; each image is listed in the
-cell nearest its descriptor and queries the nearest ``probes`` cells of its own descriptor and of
-its mirror's, so a mirrored copy finds its original. Within a bucket the search is today's: every
-image's ``neighbours`` nearest listed images by descriptor (as is and mirrored, exact kNN),
-confirmed by the aligned RMS of the thumbnails.
+Buckets are k-means cells of the translation-invariant descriptor; each image joins the nearest
+``probes`` cells of its own descriptor and of its mirror's, so a mirrored copy meets its original.
+Within a bucket the search is today's: every image's ``neighbours`` nearest by descriptor (as is
+and mirrored, exact kNN), confirmed by the aligned RMS of the thumbnails.
 """
 
 from __future__ import annotations
@@ -27,5 +26,5 @@ class Pixel(BucketLevel):
     def keys(self, x: np.ndarray) -> list[np.ndarray]:
         return [descriptor(x), descriptor(x[:, :, ::-1])]
 
-    def find_pairs(self, x: np.ndarray, listed: np.ndarray) -> np.ndarray:
-        return matching_pairs(x, x[listed], self.ctx.cfg.pixel, base_rows=listed)
+    def find_pairs(self, x: np.ndarray) -> np.ndarray:
+        return matching_pairs(x, x, self.ctx.cfg.pixel, exclude_self=True)

@@ -74,7 +74,7 @@ def test_decontamination_removes_eval_copies_and_no_clean_row(pool):
     eval_thumbs = np.stack([thumbnail(Image.fromarray(a), cfg) for a in images])
     thumbs = np.stack([thumbnail(b, cfg) for b in pool.content])
     flagged = np.zeros(len(pool), bool)
-    flagged[matching_pairs(thumbs, eval_thumbs, cfg)[:, 0]] = True
+    flagged[matching_pairs(thumbs, eval_thumbs, cfg, exclude_self=False)[:, 0]] = True
     planted = (pool.fault == "eval_copy").to_numpy()
     recall = (flagged & planted).sum() / planted.sum()
     print(f"decontaminate: recall {recall:.3f} over {planted.sum()} eval copies, {(flagged & ~planted).sum()} clean rows removed")
