@@ -70,7 +70,7 @@ def _pixel(rng, columns, originals, copies, layout, parts):
 
 @SYNTH.register("embedding")
 def _embedding(rng, columns, originals, copies, layout, parts):
-    rows = len(columns["uid"])  # 512-d float16, copies at cosine ~0.975 (the default threshold is 0.95)
+    rows = len(columns["uid"])  # 512-d float16, copies at cosine ~0.975 (configs/data/default.yaml: threshold 0.85, margin 0.23)
     dedupe_scale.synthetic_embeddings(lambda p: layout.step("dedupe", p, ".embed.npy"), rows, -(-rows // parts), noise=0.01,
                                       planted=(copies, originals))
 
@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.01, help="planted copies per level, as a fraction of the rows")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--fraction", type=float, default=0.9, help="clip_score's top fraction")
+    parser.add_argument("--config", default=str(config.CONFIG_ROOT / "data" / "default.yaml"),
+                        help="the build config whose dataset-phase settings run (default: the one a user gets); '' for the dataclass defaults")
     parser.add_argument("--dir", default="", help="work folder (default: a temporary one)")
     parser.add_argument("--tars", action="store_true", help="write download tars and run reshard/shards (Python tar writing dominates the synthesis)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -175,7 +177,7 @@ def main() -> None:
         start = time.perf_counter()
         planted = synthesise(root, args.rows, args.part_size, levels, args.rate, tars=args.tars)
         synth_s = time.perf_counter() - start
-        cfg = config.load(build_shards.BuildConfig, None, ["steps=[clip_score,dedupe]", f"clip_score.fraction={args.fraction}",
+        cfg = config.load(build_shards.BuildConfig, args.config or None, ["steps=[clip_score,dedupe]", f"clip_score.fraction={args.fraction}",
                                                            f"dedupe.levels=[{','.join(levels)}]", f"executor.workers={args.workers}",
                                                            "log_level=WARNING", *args.overrides])
         build = build_shards.Build(cfg, root)
@@ -192,7 +194,9 @@ def main() -> None:
         result = {"rows": args.rows, "part_size": args.part_size, "parts": parts, "levels": levels, "workers": args.workers,
                   "cpus": os.cpu_count(), "synthesis_s": round(synth_s, 1), "phases": summarise(usage, args.rows),
                   "total_wall_s": round(sum(p["wall_s"] for p in usage), 1), "dedupe": accuracy(build.layout, parts, args.rows, planted),
-                  "kept": stats["kept"], "shards": stats["shards"], "dropped": stats["dropped"]}
+                  "kept": stats["kept"], "shards": stats["shards"], "dropped": stats["dropped"],
+                  "config": args.config, "dedupe_config": {level: config.to_dict(getattr(cfg.dedupe, level)) for level in levels
+                                                           if hasattr(cfg.dedupe, level)}}
     print(json.dumps(result, indent=1))
 
 
