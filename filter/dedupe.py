@@ -326,8 +326,7 @@ class Dedupe(Step):
         drop = nodes != root
         out = pa.table({"row": nodes[drop], "part": part[drop]})
         by_part = out["part"].to_numpy()
-        write_partitioned(path, {int(p): out.filter(pa.array(by_part == p)) for p in np.unique(by_part)}, self.context.parts,
-                          schema=out.schema)
+        write_partitioned(path, {int(p): out.filter(pa.array(by_part == p)) for p in np.unique(by_part)}, self.context.parts)
         log.info("dedupe %s: %d dropped as %s", self.cfg.levels[k], drop.sum(), self.level(k).reason)
 
     def decide(self, part: int) -> None:

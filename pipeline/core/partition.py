@@ -21,15 +21,16 @@ from scipy.sparse.csgraph import connected_components
 
 from pipeline.core.io import atomic_write
 
-def write_partitioned(path: str, tables: dict[int, pa.Table], partitions: int, schema: pa.Schema | None = None) -> None:
+
+def write_partitioned(path: str, tables: dict[int, pa.Table], partitions: int) -> None:
     """One file, record batch ``p`` = partition ``p`` of ``range(partitions)``, written atomically
-    (no batch at all when there are no rows and no ``schema``: every read finds nothing)."""
+    (no batch at all when no table has rows: every read finds nothing)."""
     tables = {p: t for p, t in tables.items() if t.num_rows}
-    schema = schema or (next(iter(tables.values())).schema if tables else pa.schema([]))
+    schema = next(iter(tables.values())).schema if tables else pa.schema([])
     with atomic_write(path) as f, pa.ipc.new_file(f, schema) as writer:
-        for p in range(partitions if tables or len(schema) else 0):
+        for p in range(partitions if tables else 0):
             table = tables.get(p)
-            writer.write_batch(table.cast(schema).combine_chunks().to_batches()[0] if table is not None
+            writer.write_batch(table.combine_chunks().to_batches()[0] if table is not None
                                else pa.RecordBatch.from_pylist([], schema=schema))
 
 
