@@ -12,17 +12,13 @@ every shard at once, never per shard.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
-from PIL import Image
 
 from filter import STEPS, Phase, Step, decisions, dropped
-from train.encoder import load_encoder
 from pipeline.core.io import atomic_write, exists, read_json, read_parquet, write_json, write_parquet
 from pipeline.core.log import get_logger, progress
 
@@ -45,30 +41,6 @@ class ClipScoreConfig:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
 
 
-class PartBatches(torch.utils.data.IterableDataset):
-    """Batches of one part at a time, parts split over DataLoader workers; a part's last batch says so."""
-
-    def __init__(self, parts: list[int], samples_of, preprocess, batch_size: int):
-        self.parts, self.samples_of, self.preprocess, self.batch_size = parts, samples_of, preprocess, batch_size
-
-    def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        mine = self.parts[info.id :: info.num_workers] if info else self.parts
-        for part in mine:
-            batch: list[dict] = []
-            for sample in self.samples_of(part):
-                batch.append(sample)
-                if len(batch) == self.batch_size:
-                    yield self._collate(part, batch, last=False)
-                    batch = []
-            yield self._collate(part, batch, last=True)
-
-    def _collate(self, part: int, batch: list[dict], last: bool) -> dict:
-        images = [self.preprocess(Image.open(io.BytesIO(s["image"])).convert("RGB")) for s in batch]
-        return {"part": part, "last": last, "rows": [s["row"] for s in batch], "captions": [s["caption"] for s in batch],
-                "images": torch.stack(images) if images else torch.empty(0)}
-
-
 @STEPS.register("clip_score")
 class ClipScore(Step):
     Config = ClipScoreConfig
@@ -78,6 +50,11 @@ class ClipScore(Step):
         parts = list(parts)
         if not parts:
             return
+        import torch  # the scoring phase alone needs torch and the model code: the cut's tasks start without them
+
+        from filter.inference.part_batches import PartBatches
+        from train.encoder import load_encoder
+
         cfg = self.cfg
         encoder = load_encoder(cfg.model, cfg.device)
         batches = PartBatches(parts, samples_of, encoder.preprocess, cfg.batch_size)
@@ -87,18 +64,19 @@ class ClipScore(Step):
             if batch["rows"]:
                 image = encoder.embed_images(batch["images"].to(cfg.device)).cpu()  # (B, D), unit norm
                 text = encoder.embed_texts(batch["captions"]).cpu()  # (B, D)
-                pending.setdefault(batch["part"], []).append((batch["rows"], image, text))
+                score = (image * text).sum(-1)
+                pending.setdefault(batch["part"], []).append((batch["rows"], *(t.numpy() for t in (image, text, score))))
             if batch["last"]:
                 yield batch["part"], self._finish(batch["part"], pending.pop(batch["part"], []))
 
     def _finish(self, part: int, chunks: list) -> pa.Table:
         rows = [r for chunk in chunks for r in chunk[0]]
-        image = torch.cat([c[1] for c in chunks]) if chunks else torch.empty(0, 0)
-        text = torch.cat([c[2] for c in chunks]) if chunks else torch.empty(0, 0)
+        image = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, 0), np.float32)
+        text = np.concatenate([c[2] for c in chunks]) if chunks else np.zeros((0, 0), np.float32)
         for kind, emb in (("image", image), ("text", text)):
             with atomic_write(self.context.layout.step(self.context.name, part, f".{kind}.npy")) as f:
-                np.save(f, emb.numpy().astype(np.float16))
-        scores = (image * text).sum(-1).numpy() if rows else np.zeros(0, np.float32)
+                np.save(f, emb.astype(np.float16))
+        scores = np.concatenate([c[3] for c in chunks]) if chunks else np.zeros(0, np.float32)
         return decisions(rows, [""] * len(rows), clip_score=pa.array(scores, pa.float32()))
 
     # ------------------------------------------------------------------ the dataset-wide cut

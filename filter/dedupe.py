@@ -40,7 +40,6 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from filter import STEPS, Phase, Step, decisions, dropped, phash
-from filter.embedders import EMBEDDERS
 from filter.near_dup import PixelDedupeConfig, thumbnail
 from pipeline.core.io import atomic_write, exists, read_parquet, write_parquet
 from pipeline.core.log import get_logger
@@ -53,7 +52,7 @@ LEVELS: Registry = Registry("dedupe level", package="filter")  # pixel and embed
 
 @dataclasses.dataclass(kw_only=True)
 class EmbeddingDedupeConfig:
-    embedder: str = "clip_score"  # see filter/embedders.py
+    embedder: str = "clip_score"  # see filter/inference/embedders.py
     image_size: int = 224  # input side for embedders computed here
     threshold: float = 0.95  # cosine
     margin: float = 0.0  # and at least this much above both items' k-th neighbour similarity
@@ -242,6 +241,8 @@ class Dedupe(Step):
             empty = np.zeros((0, cfg.pixel.size, cfg.pixel.size), np.uint8)
             _save(layout.step(name, part, ".thumbs.npy"), np.stack(thumbs) if thumbs else empty)
         if "embedding" in cfg.levels:
+            from filter.inference.embedders import EMBEDDERS  # imports torch: only this shard phase embeds
+
             embedder = EMBEDDERS.build(cfg.embedding.embedder, layout, cfg.embedding.image_size)
             rows, emb = embedder.part(part, iter(batch))
             where = {r: i for i, r in enumerate(rows)}

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
-import torch
 from PIL import Image, ImageFilter
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -80,19 +83,21 @@ def aligned_rms(a: np.ndarray, b: np.ndarray, max_shift: int) -> np.ndarray:
 
     Each image's central window is matched against the other's shifted windows, both ways round:
     the border a shift pushes out of one image (and the blur smears) lies in only one window."""
+    import torch  # here, not at module level: a task that never compares pixels starts without it
+
     a, b = torch.from_numpy(a.astype(np.float32)), torch.from_numpy(b.astype(np.float32))
-    return torch.minimum(_window_rms(a, b, max_shift), _window_rms(b, a, max_shift)).numpy()
+    return _window_rms(a, b, max_shift).minimum(_window_rms(b, a, max_shift)).numpy()
 
 
 def _window_rms(a: torch.Tensor, b: torch.Tensor, s: int) -> torch.Tensor:
     n = a.shape[-1]
     a = a[:, s : n - s, s : n - s]  # (N, n-2s, n-2s)
-    best = torch.full((len(a),), float("inf"))
+    best = a.new_full((len(a),), float("inf"))
     for bb in (b, b.flip(-1)):
         for dy in range(-s, s + 1):
             for dx in range(-s, s + 1):
                 shifted = bb[:, s + dy : n - s + dy, s + dx : n - s + dx]
-                best = torch.minimum(best, (a - shifted).pow(2).mean((1, 2)).sqrt())
+                best = best.minimum((a - shifted).pow(2).mean((1, 2)).sqrt())
     return best
 
 

@@ -10,7 +10,6 @@ similarity rows are ever float32.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from filter.buckets import BucketLevel
 from filter.dedupe import LEVELS
@@ -34,6 +33,8 @@ class Embedding(BucketLevel):
 def cluster_pairs(x: np.ndarray, cfg) -> np.ndarray:
     """(p, 2) pairs (i < j) of rows of ``x`` (one cluster's embeddings) that are copies under ``cfg``
     (an EmbeddingDedupeConfig), computed ``cfg.block_rows`` similarity rows at a time."""
+    import torch  # here, not at module level: the other phases' tasks start without it
+
     x = torch.from_numpy(np.asarray(x, np.float32))
     m, k = len(x), cfg.background_k
     if m < 2:

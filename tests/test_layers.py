@@ -146,3 +146,16 @@ def test_a_planted_circle_is_found(tree_copy):
     gather = tree_copy / "train" / "gather.py"
     gather.write_text(gather.read_text() + "\nfrom train import queue  # noqa: E402,F401\n")
     assert ["train.gather", "train.queue"] in cycles(import_graph(tree_copy))
+
+
+def test_a_dataset_wide_curation_task_starts_without_torch():
+    """The curation command, its config with every step's section and the dataset-wide levels load
+    without torch (seconds of import, paid by each of thousands of array tasks at scale): only a shard
+    phase that runs a model imports it."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, pipeline.build_shards, filter.semdedup, filter.pixel_dedupe; "
+             "print(sorted(m for m in ('torch', 'webdataset', 'train') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

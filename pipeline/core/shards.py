@@ -18,8 +18,6 @@ import json
 import tarfile
 from typing import Iterable, Iterator
 
-import webdataset as wds
-
 from pipeline.core.io import atomic_write
 
 # Image members of a sample, by extension, in the order a reader looks for them (every stage).
@@ -60,11 +58,14 @@ class Layout:
 # ---------------------------------------------------------------------------- samples
 
 
-def samples(tar_path: str, handler=wds.reraise_exception) -> Iterator[dict]:
-    """Samples of one downloaded shard: {"row", "uid", "image" (bytes), "caption", "meta", "key"}."""
+def samples(tar_path: str, handler=None) -> Iterator[dict]:
+    """Samples of one downloaded shard: {"row", "uid", "image" (bytes), "caption", "meta", "key"};
+    ``handler`` (a webdataset exception handler) defaults to re-raising."""
+    import webdataset as wds  # imports torch: only the phases that read shards pay for it
+
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([tar_path]),
-        wds.tarfile_to_samples(handler=handler),  # a stream of {"__key__", "jpg", "txt", "json"}
+        wds.tarfile_to_samples(handler=handler or wds.reraise_exception),  # a stream of {"__key__", "jpg", "txt", "json"}
         wds.map(_as_sample),
     )
     yield from pipeline
