@@ -15,7 +15,7 @@ from pipeline import demo as demo_module
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the demo run is its first test's setup
 
 
 @pytest.fixture(scope="module")
