@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from filter.dedupe import NO_PAIRS, Level
 from pipeline.core.io import atomic_write
+from pipeline.core.partition import split
 
 HNSW_ABOVE = 4096  # more centroids than this: assign through an HNSW graph (flat search costs a row O(centroids))
 
@@ -129,7 +130,7 @@ class BucketLevel(Level):
         out = pa.table({"row": table["row"].take(position), "part": table["part"].take(position),
                         "index": pa.array(index[position]), "bucket": pa.array(bucket.astype(np.int32))})
         partition = bucket % self.partitions
-        return {int(p): out.filter(pa.array(partition == p)) for p in np.unique(partition)}
+        return split(out, partition)
 
     def reduce(self, partition: int, table: pa.Table) -> np.ndarray:
         table = table.sort_by([("bucket", "ascending"), ("row", "ascending")])

@@ -43,7 +43,7 @@ from filter import STEPS, Phase, Step, decisions, dropped, phash
 from filter.near_dup import PixelDedupeConfig, thumbnail
 from pipeline.core.io import atomic_write, exists, read_parquet, write_parquet
 from pipeline.core.log import get_logger
-from pipeline.core.partition import components, hash_partition, hex_digests, read_partition, text_digests, write_partitioned
+from pipeline.core.partition import components, hash_partition, hex_digests, read_partition, split, text_digests, write_partitioned
 from pipeline.core.registry import Registry
 
 log = get_logger(__name__)
@@ -140,7 +140,7 @@ class KeyLevel(Level):
         key = pa.FixedSizeBinaryArray.from_buffers(pa.binary(digests.shape[1]), len(digests), [None, pa.py_buffer(digests.tobytes())])
         out = pa.table({"row": table["row"], "part": table["part"], "key": key})
         partition = hash_partition(digests, self.partitions)
-        return {int(p): out.filter(pa.array(partition == p)) for p in np.unique(partition)}
+        return split(out, partition)
 
     def reduce(self, partition: int, table: pa.Table) -> np.ndarray:
         first = table.group_by("key").aggregate([("row", "min")])
@@ -193,7 +193,7 @@ class Phash(Level):
                         "orient": orient, "h0": hashes[item, 0], "h1": hashes[item, 1]})
         mixed = (value ^ key.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)  # a key value -> one partition
         partition = ((mixed >> np.uint64(32)) % np.uint64(self.partitions)).astype(np.int64)
-        return {int(p): out.filter(pa.array(partition == p)) for p in np.unique(partition)}
+        return split(out, partition)
 
     def reduce(self, partition: int, table: pa.Table) -> np.ndarray:
         col = {c: table[c].to_numpy() for c in ("row", "orient", "key", "h0", "h1")}
