@@ -22,6 +22,7 @@ from filter.dedupe import Dedupe, DedupeConfig
 from filter.near_dup import groups
 from pipeline import reshard
 from pipeline.core.io import write_json, write_parquet
+from pipeline.core.partition import split
 from pipeline.core.shards import Layout
 
 PARTS, PART_SIZE, LEVELS = 3, 200, ["rows", "exact", "phash"]
@@ -130,3 +131,14 @@ def test_a_partition_task_killed_mid_write_resumes_to_the_same_decisions(tmp_pat
 def test_shard_runs_from_the_prefix_sum_match_a_cut_of_every_row(total, count):
     bounds = reshard.shard_bounds(total, count)
     assert np.array_equal(np.repeat(np.arange(count), np.diff(bounds)), np.arange(total) * count // total)
+
+
+def test_split_gives_each_partition_its_rows_in_order():
+    """The map tasks' cut by partition: every row once, in its partition, in input order there."""
+    rng = np.random.default_rng(0)
+    partition = rng.integers(0, 50, 10_000)
+    parts = split(pa.table({"row": np.arange(10_000)}), partition)
+    assert sorted(parts) == sorted(set(partition.tolist()))
+    for p, table in parts.items():
+        assert table["row"].to_numpy().tolist() == np.flatnonzero(partition == p).tolist()
+    assert split(pa.table({"row": np.zeros(0, np.int64)}), np.zeros(0, np.int64)) == {}
