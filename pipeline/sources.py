@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from pipeline import subset as subsets
 from pipeline.core.errors import UserError
-from pipeline.core.io import atomic_write, exists, read_json, write_json
+from pipeline.core.io import atomic_write, exists, read_json, read_parquet_file, write_json
 from pipeline.core.log import get_logger, progress
 
 log = get_logger(__name__)
@@ -126,7 +126,7 @@ def read_list(path: str, fmt: str, cfg: InputConfig) -> pa.Table:
     try:
         with fsspec.open(path, "rb", compression="infer") as f:
             if fmt == "parquet":
-                table = pq.read_table(f)
+                table = read_parquet_file(f)
             elif fmt == "jsonl":
                 table = pajson.read_json(f)
             else:  # csv/tsv: text columns as bytes, so one bad caption is a counted skip

@@ -61,7 +61,14 @@ def exists(path: str) -> bool:
 
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
     with fsspec.open(str(path), "rb") as f:
-        return pq.read_table(f, columns=columns)
+        return read_parquet_file(f, columns)
+
+
+def read_parquet_file(f: Any, columns: list[str] | None = None) -> pa.Table:
+    """A parquet file object's table. Not ``pq.read_table``: its dataset scan can drop the file on an
+    Arrow worker thread after it returns, and a process exiting then aborts ("terminate called without
+    an active exception", apache/arrow#34314): a task that had done its work fails its Slurm job."""
+    return pq.ParquetFile(f).read(columns=columns)
 
 
 def write_parquet(path: str, table: pa.Table) -> None:

@@ -142,3 +142,19 @@ def test_split_gives_each_partition_its_rows_in_order():
     for p, table in parts.items():
         assert table["row"].to_numpy().tolist() == np.flatnonzero(partition == p).tolist()
     assert split(pa.table({"row": np.zeros(0, np.int64)}), np.zeros(0, np.int64)) == {}
+
+
+def test_a_task_that_reads_its_inputs_and_exits_at_once_exits_cleanly(tmp_path):
+    """A dataset-wide task reads small intermediates and exits (clip_score/cut, a reduce task). With
+    ``pq.read_table`` on a file object, an Arrow worker still held the file after the read returned,
+    and took the GIL during the interpreter's exit: SIGABRT, "terminate called without an active
+    exception", in about 3 of 4 runs here, and now and then in CI's Slurm chain."""
+    path = tmp_path / "part.parquet"
+    write_parquet(str(path), pa.table({"row": np.arange(10_000), "rank": np.arange(10_000)}))
+    read_and_exit = ("import sys; sys.setswitchinterval(1)\n"  # this thread keeps the GIL till it exits, as on a busy CPU
+                     "from pipeline.core.io import read_parquet\n"
+                     "assert read_parquet(sys.argv[1], ['rank']).num_rows == 10_000")
+    for _ in range(6):
+        run = subprocess.run([sys.executable, "-c", read_and_exit, str(path)], env={**os.environ, "PYTHONPATH": os.getcwd()},
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr[-2000:]
