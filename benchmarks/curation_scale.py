@@ -125,8 +125,14 @@ def synthesise(root: str, rows: int, part_size: int, levels: list[str], rate: fl
     return planted
 
 
+def _usage(tasks: list[dict]) -> dict:
+    return {"tasks": len(tasks), "peak_task_rss_mib": round(max(t["max_rss_mib"] for t in tasks), 1),
+            "cpu_s": round(sum(t["cpu_s"] for t in tasks), 1)}
+
+
 def summarise(usage: list[dict], rows: int) -> dict:
-    """Per phase group (a step's phases, a dedupe level's): wall, tasks, largest task's RSS, CPU per row."""
+    """Per phase group (a step's phases, a dedupe level's): wall, tasks, largest task's RSS, CPU per row;
+    and per phase, to tell which of a group's phases grows with the pool."""
     groups = defaultdict(list)
     for phase in usage:
         name = phase["phase"]
@@ -134,12 +140,10 @@ def summarise(usage: list[dict], rows: int) -> dict:
         groups[key].append(phase)
     out = {}
     for key, phases in groups.items():
-        tasks = [t for p in phases for t in p["usage"]]
-        out[key] = {"wall_s": round(sum(p["wall_s"] for p in phases), 1), "tasks": len(tasks),
-                    "peak_task_rss_mib": round(max(t["max_rss_mib"] for t in tasks), 1),
-                    "cpu_s": round(sum(t["cpu_s"] for t in tasks), 1),
-                    "cpu_us_per_row": round(1e6 * sum(t["cpu_s"] for t in tasks) / rows, 2),
-                    "phases": {p["phase"].split("/")[-1]: p["tasks"] for p in phases}}
+        group = _usage([t for p in phases for t in p["usage"]])
+        out[key] = {"wall_s": round(sum(p["wall_s"] for p in phases), 1), **group,
+                    "cpu_us_per_row": round(1e6 * group["cpu_s"] / rows, 2),
+                    "phases": {p["phase"].split("/")[-1]: _usage(p["usage"]) for p in phases}}
     return out
 
 

@@ -105,8 +105,8 @@ def matching_pairs(queries: np.ndarray, base: np.ndarray, cfg: PixelMatchConfig,
     """(M, 2) (query, base) pairs that show the same picture."""
     pairs = candidates(queries, base, cfg.neighbours, exclude_self)
     same = np.zeros(len(pairs), bool)
-    for start in range(0, len(pairs), 65536):
-        chunk = pairs[start : start + 65536]
+    for start in range(0, len(pairs), 512):  # 512 pairs keep each shift's temporaries in cache: 65536 ran 9x slower
+        chunk = pairs[start : start + 512]
         same[start : start + len(chunk)] = aligned_rms(queries[chunk[:, 0]], base[chunk[:, 1]], cfg.max_shift) <= cfg.max_rms
     return pairs[same]
 

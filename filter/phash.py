@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 HASH_SIDE, LOW = 32, 8
+CHUNK = 1 << 16  # candidate pairs compared at once
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -119,10 +120,12 @@ def close_pairs(item: np.ndarray, orient: np.ndarray, key: np.ndarray, h0: np.nd
         same = np.flatnonzero((key[:-offset] == key[offset:]) & (value[:-offset] == value[offset:]))
         if len(same) == 0:
             break
-        i, j = same, same + offset
-        swap = item[i] > item[j]
-        a, b = np.where(swap, j, i), np.where(swap, i, j)  # measured from the earlier item's hash
-        distance = np.minimum(hamming(h0[a], h0[b]), hamming(h0[a], h1[b]))
-        keep = (item[a] != item[b]) & (distance <= cfg.max_distance)  # tested per offset: memory ~ records, not candidates
-        found.append(np.stack([item[a][keep], item[b][keep]], 1))
+        for start in range(0, len(same), CHUNK):  # tested in chunks: the temporaries do not grow with the collisions
+            i = same[start : start + CHUNK]
+            j = i + offset
+            swap = item[i] > item[j]
+            a, b = np.where(swap, j, i), np.where(swap, i, j)  # measured from the earlier item's hash
+            distance = np.minimum(hamming(h0[a], h0[b]), hamming(h0[a], h1[b]))
+            keep = (item[a] != item[b]) & (distance <= cfg.max_distance)
+            found.append(np.stack([item[a][keep], item[b][keep]], 1))
     return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)

@@ -2,13 +2,15 @@
 test files, so a module's fixtures (the demo run, cached training runs) are built once, and all of
 tests/slurm/ on one worker, since its files share the session's Slurm cluster. The two longest
 units (the demo and the Slurm tests) start first, so the workers finish together rather than one
-running the demo alone at the end."""
+running the demo alone at the end; the next longest files follow, longest first, and the short ones
+fill in at the end (longest-processing-time order: a 150 s file last left one worker idle ~2 minutes)."""
 
 from __future__ import annotations
 
 import pytest
 
-FIRST = ("tests/test_demo.py", "tests/slurm")
+FIRST = ("tests/test_demo.py", "tests/slurm", "tests/train/test_bf16.py", "tests/train/test_train.py",
+         "tests/data/test_build_e2e.py", "tests/train/test_albef_train.py", "tests/train/test_export.py")
 
 
 def unit(nodeid: str) -> str:

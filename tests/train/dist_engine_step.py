@@ -16,7 +16,7 @@ process start-up is the cost.
 Rank 0 writes ``{"OBJECTIVE/zeroS": {"update_err", "update_max", "moved", "params", "loss_err"}, ...}``, plus,
 from the same launch (and the CLIP ZeRO-2 engine), ``checkpoint``: when ``latest`` was written against when
 the slow rank 1 finished its part of the save, and ``mem_rss``: the logged ``mem_rss_gb`` against each
-rank's resident memory, rank 1 holding 256 MiB more.
+rank's resident memory, rank 1 holding 256 MiB more than any other rank.
 """
 
 import json
@@ -140,14 +140,22 @@ def save_with_a_slow_rank(engine, out_dir: str, rank: int) -> dict:
             "last_rank_state": os.stat(f"{folder}/{checkpoint.tag_for(1)}/trainer_rank1.pt").st_mtime}
 
 
+def _rss_gb() -> float:
+    return psutil.Process().memory_info().rss / 2**30
+
+
 def logged_memory(out_dir: str, rank: int, world: int) -> dict:
     """The ``mem_rss_gb`` that one logging step records, with each rank's own resident memory then."""
-    held = torch.ones(64 * 2**20) if rank == 1 else None  # 256 MiB, written, so resident
+    before = [None] * world
+    dist.all_gather_object(before, _rss_gb())
+    # rank 1 tops the largest rank by 256 MiB, whatever the earlier cases left on rank 0 (its reference steps)
+    extra = max(before) - before[rank] + 0.25
+    held = torch.ones(int(extra * 2**30) // 4) if rank == 1 else None  # written, so resident
     log = metrics.Metrics(LogConfig(tensorboard=False), out_dir, 1, rank, world, torch.device("cpu"), {})
     log.update({"loss": torch.tensor(1.0)}, 1, 0.0)
     record = log.log(1, 0, 0.1, {})
     rss = [None] * world
-    dist.all_gather_object(rss, psutil.Process().memory_info().rss / 2**30)
+    dist.all_gather_object(rss, _rss_gb())
     log.close()
     del held
     return {"logged": record["mem_rss_gb"], "ranks": rss}

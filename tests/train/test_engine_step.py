@@ -40,5 +40,5 @@ def test_latest_is_written_only_after_every_rank_finished_its_part(result):
 
 def test_logged_memory_is_the_maximum_over_ranks(result):
     logged, ranks = result["mem_rss"]["logged"], result["mem_rss"]["ranks"]
-    assert ranks[1] > ranks[0] + 0.2, ranks  # rank 1 holds 256 MiB more
+    assert ranks[1] > ranks[0] + 0.2, ranks  # rank 1 holds 256 MiB more than the largest other rank held
     assert logged == pytest.approx(max(ranks), abs=0.02), (logged, ranks)
