@@ -67,8 +67,9 @@ def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
 def read_parquet_file(f: Any, columns: list[str] | None = None) -> pa.Table:
     """A parquet file object's table. Not ``pq.read_table``: its dataset scan can drop the file on an
     Arrow worker thread after it returns, and a process exiting then aborts ("terminate called without
-    an active exception", apache/arrow#34314): a task that had done its work fails its Slurm job."""
-    return pq.ParquetFile(f).read(columns=columns)
+    an active exception", apache/arrow#34314): a task that had done its work fails its Slurm job.
+    ``use_threads=False`` too: a threaded read still aborted at exit once (tests/data/test_partitioned.py, in a full suite run)."""
+    return pq.ParquetFile(f).read(columns=columns, use_threads=False)
 
 
 def write_parquet(path: str, table: pa.Table) -> None:
