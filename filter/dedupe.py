@@ -43,7 +43,7 @@ from filter import STEPS, Phase, Step, decisions, dropped, phash
 from filter.near_dup import PixelDedupeConfig, thumbnail
 from pipeline.core.io import atomic_write, exists, read_parquet, write_parquet
 from pipeline.core.log import get_logger
-from pipeline.core.partition import components, hash_partition, hex_digests, read_partition, split, text_digests, write_partitioned
+from pipeline.core.partition import components, hash_partition, hex_digests, mix64, read_partition, split, text_digests, write_partitioned
 from pipeline.core.registry import Registry
 
 log = get_logger(__name__)
@@ -125,6 +125,7 @@ class Level:
 
 
 NO_PAIRS = np.zeros((0, 2), np.int64)
+MERGE_BATCH = 1 << 20  # pairs read before the merge de-duplicates what it holds
 
 
 class KeyLevel(Level):
@@ -191,8 +192,7 @@ class Phash(Level):
         # the reduce recomputes the key value from the hashes: records stay 30 bytes
         out = pa.table({"row": table["row"].take(item), "part": table["part"].cast(pa.int32()).take(item), "key": key,
                         "orient": orient, "h0": hashes[item, 0], "h1": hashes[item, 1]})
-        mixed = (value ^ key.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)  # a key value -> one partition
-        partition = ((mixed >> np.uint64(32)) % np.uint64(self.partitions)).astype(np.int64)
+        partition = (mix64(value ^ key.astype(np.uint64)) % np.uint64(self.partitions)).astype(np.int64)  # a key value -> one partition
         return split(out, partition)
 
     def reduce(self, partition: int, table: pa.Table) -> np.ndarray:
@@ -314,20 +314,25 @@ class Dedupe(Step):
         write_parquet(path, pa.table({"a": pairs[:, 0], "b": pairs[:, 1], "part_a": part_of[0], "part_b": part_of[1]}))
 
     def merge(self, k: int) -> None:
-        """Groups of copies over every partition's pairs; all but the smallest row of each are dropped."""
+        """Groups of copies over every partition's pairs; all but the smallest row of each are dropped.
+
+        A pair that several keys found arrives from several partitions (up to 30 for phash), so the
+        pairs are de-duplicated while they are read: the task holds each pair about once."""
         path = f"{self.folder(k)}/drops.arrow"
         if exists(path):
             return
-        tables = [read_parquet(f"{self.folder(k)}/pairs/{p:06d}.parquet") for p in range(self.level(k).partitions)]
-        table = pa.concat_tables(tables)
-        pairs = np.stack([table["a"].to_numpy(), table["b"].to_numpy()], 1)
-        nodes, root = components(pairs)
-        rows, first = np.unique(pairs.T.ravel(), return_index=True)  # the part of every node
-        part = np.concatenate([table["part_a"].to_numpy(), table["part_b"].to_numpy()])[first]
+        pairs, read = np.zeros((0, 4), np.int64), []  # (row a, row b, part of a, part of b)
+        for p in range(self.level(k).partitions):
+            table = read_parquet(f"{self.folder(k)}/pairs/{p:06d}.parquet")
+            read.append(np.stack([table[c].to_numpy() for c in ("a", "b", "part_a", "part_b")], 1))
+            if sum(map(len, read)) > max(len(pairs), MERGE_BATCH):
+                pairs, read = np.unique(np.concatenate([pairs, *read]), axis=0), []
+        pairs = np.unique(np.concatenate([pairs, *read]), axis=0)
+        nodes, root = components(pairs[:, :2])
+        _, first = np.unique(pairs[:, :2].T.ravel(), return_index=True)  # the part of every node
+        part = pairs[:, 2:].T.ravel()[first]
         drop = nodes != root
-        out = pa.table({"row": nodes[drop], "part": part[drop]})
-        by_part = out["part"].to_numpy()
-        write_partitioned(path, {int(p): out.filter(pa.array(by_part == p)) for p in np.unique(by_part)}, self.context.parts)
+        write_partitioned(path, split(pa.table({"row": nodes[drop], "part": part[drop]}), part[drop]), self.context.parts)
         log.info("dedupe %s: %d dropped as %s", self.cfg.levels[k], drop.sum(), self.level(k).reason)
 
     def decide(self, part: int) -> None:

@@ -158,3 +158,21 @@ def test_a_task_that_reads_its_inputs_and_exits_at_once_exits_cleanly(tmp_path):
         run = subprocess.run([sys.executable, "-c", read_and_exit, str(path)], env={**os.environ, "PYTHONPATH": os.getcwd()},
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_phash_map_spreads_key_values_evenly_over_many_partitions():
+    """Key values keep only some blocks of a hash, so their low bits are often zero; a multiplicative
+    hash kept those zeros and sent 3.1x the mean records to the largest of 480 partitions (its reduce
+    task's memory grew with the pool). Random hashes must fill every partition within a few percent."""
+    from filter.dedupe import LEVELS, LevelContext
+
+    rows, cfg = 100_000, DedupeConfig(levels=["phash"])
+    rng = np.random.default_rng(0)
+    table = pa.table({"row": np.arange(rows), "part": np.zeros(rows, np.int64),
+                      "phash": rng.integers(0, 2**63, rows, dtype=np.uint64), "phash_mirror": rng.integers(0, 2**63, rows, dtype=np.uint64)})
+    ctx = LevelContext(cfg, 1, 16_000_000, "", None, None)  # sized for a 16M-row pool: 480 partitions
+    level = LEVELS.build("phash", ctx)
+    assert level.partitions == 480
+    sizes = np.array([t.num_rows for t in level.map(0, table).values()])
+    assert len(sizes) == 480 and sizes.sum() == rows * level.fanout
+    assert sizes.max() < 1.1 * sizes.mean(), sizes.max() / sizes.mean()
