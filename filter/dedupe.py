@@ -321,12 +321,13 @@ class Dedupe(Step):
         path = f"{self.folder(k)}/drops.arrow"
         if exists(path):
             return
-        pairs, read = np.zeros((0, 4), np.int64), []  # (row a, row b, part of a, part of b)
+        pairs, read, held = np.zeros((0, 4), np.int64), [], 0  # (row a, row b, part of a, part of b)
         for p in range(self.level(k).partitions):
             table = read_parquet(f"{self.folder(k)}/pairs/{p:06d}.parquet")
             read.append(np.stack([table[c].to_numpy() for c in ("a", "b", "part_a", "part_b")], 1))
-            if sum(map(len, read)) > max(len(pairs), MERGE_BATCH):
-                pairs, read = np.unique(np.concatenate([pairs, *read]), axis=0), []
+            held += table.num_rows
+            if held > max(len(pairs), MERGE_BATCH):
+                pairs, read, held = np.unique(np.concatenate([pairs, *read]), axis=0), [], 0
         pairs = np.unique(np.concatenate([pairs, *read]), axis=0)
         nodes, root = components(pairs[:, :2])
         _, first = np.unique(pairs[:, :2].T.ravel(), return_index=True)  # the part of every node

@@ -93,7 +93,9 @@ def run_all(step: Dedupe) -> None:
 CFG = DedupeConfig(levels=LEVELS, partition_rows=200)
 
 
-def test_partitioned_cascade_equals_one_pass_over_every_row(tmp_path):
+@pytest.mark.parametrize("merge_batch", [1 << 20, 1])  # 1: the merge de-duplicates after every partition's pairs
+def test_partitioned_cascade_equals_one_pass_over_every_row(tmp_path, monkeypatch, merge_batch):
+    monkeypatch.setattr("filter.dedupe.MERGE_BATCH", merge_batch)
     table = synthetic()
     step = Dedupe(CFG, StepContext(write_input(tmp_path, table), "dedupe"))
     reduces = {p.name: p.tasks for p in step.phases() if p.name.endswith("/reduce")}
