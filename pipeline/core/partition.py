@@ -67,9 +67,10 @@ def mix64(x: np.ndarray) -> np.ndarray:
 
 
 def hash_partition(digests: np.ndarray, partitions: int) -> np.ndarray:
-    """(n,) partition of each (n, k) uint8 digest (k >= 8): its first 8 bytes modulo ``partitions``."""
-    head = np.ascontiguousarray(digests[:, :8]).view("<u8").ravel()
-    return (head % np.uint64(partitions)).astype(np.int64)
+    """(n,) partition of each (n, k) uint8 digest (k a multiple of 8): its 8-byte words folded and mixed,
+    so ids that differ only in their last bytes (a given uid counting up in hex) still spread evenly."""
+    words = np.ascontiguousarray(digests).view("<u8")
+    return (mix64(np.bitwise_xor.reduce(words, axis=1)) % np.uint64(partitions)).astype(np.int64)
 
 
 def hex_digests(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from filter.dedupe import Dedupe, DedupeConfig
 from filter.near_dup import groups
 from pipeline import reshard
 from pipeline.core.io import write_json, write_parquet
-from pipeline.core.partition import split
+from pipeline.core.partition import hex_digests, split
 from pipeline.core.shards import Layout
 
 PARTS, PART_SIZE, LEVELS = 3, 200, ["rows", "exact", "phash"]
@@ -178,3 +178,13 @@ def test_phash_map_spreads_key_values_evenly_over_many_partitions():
     sizes = np.array([t.num_rows for t in level.map(0, table).values()])
     assert len(sizes) == 480 and sizes.sum() == rows * level.fanout
     assert sizes.max() < 1.1 * sizes.mean(), sizes.max() / sizes.mean()
+
+
+def test_uids_that_count_up_in_hex_spread_evenly_over_partitions():
+    """A given uid is used as it is: ids 0, 1, 2 ... written as 32 hex digits differ only in their last
+    bytes, and a partition by the first 8 bytes sent every row of the rows level to one reduce task."""
+    from pipeline.core.partition import hash_partition
+
+    uids = pa.array([f"{i:032x}" for i in range(48_000)])
+    sizes = np.bincount(hash_partition(hex_digests(uids, 32), 48), minlength=48)
+    assert sizes.max() < 1.1 * sizes.mean(), sizes
