@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from pipeline import subset as subsets
 from pipeline.core.errors import UserError
-from pipeline.core.io import atomic_write, exists, read_json, read_parquet_file, write_json
+from pipeline.core.io import arrow_file, atomic_write, exists, read_json, write_json
 from pipeline.core.log import get_logger, progress
 
 log = get_logger(__name__)
@@ -124,9 +124,9 @@ def _format_of(name: str) -> str:
 def read_list(path: str, fmt: str, cfg: InputConfig) -> pa.Table:
     """One list file as a table with string ``url`` and ``caption``; bad UTF-8 is marked, not fatal."""
     try:
-        with fsspec.open(path, "rb", compression="infer") as f:
+        with arrow_file(path, compression="infer") as f:
             if fmt == "parquet":
-                table = read_parquet_file(f)
+                table = pq.ParquetFile(f).read()
             elif fmt == "jsonl":
                 table = pajson.read_json(f)
             else:  # csv/tsv: text columns as bytes, so one bad caption is a counted skip

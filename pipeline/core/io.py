@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from typing import Any, Iterator
 
 import fsspec
+from fsspec.utils import infer_compression
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -59,17 +61,30 @@ def exists(path: str) -> bool:
     return fs.exists(p)
 
 
+@contextlib.contextmanager
+def arrow_file(path: str, compression: str | None = None) -> Iterator[pa.NativeFile]:
+    """``path`` as a file Arrow reads without calling back into Python. Given a Python file object,
+    Arrow reads on its IO threads into Python-owned buffers, and a thread that drops one after the
+    read has returned takes the GIL; if the interpreter is exiting by then, the thread is killed
+    inside C++ and the process aborts (SIGABRT, "terminate called without an active exception"):
+    a task that had done its work fails its Slurm job. A local file is opened by Arrow itself; a URL
+    (or a compressed file, ``compression`` as fsspec names it) is copied whole into Arrow memory."""
+    path = str(path)
+    if compression == "infer":
+        compression = infer_compression(path)
+    if is_local(path) and compression is None:
+        with pa.OSFile(path.removeprefix("file://")) as f:
+            yield f
+        return
+    with fsspec.open(path, "rb", compression=compression) as f:
+        sink = pa.BufferOutputStream()
+        shutil.copyfileobj(f, sink, 1 << 24)
+    yield pa.BufferReader(sink.getvalue())
+
+
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
-    with fsspec.open(str(path), "rb") as f:
-        return read_parquet_file(f, columns)
-
-
-def read_parquet_file(f: Any, columns: list[str] | None = None) -> pa.Table:
-    """A parquet file object's table. Not ``pq.read_table``: its dataset scan can drop the file on an
-    Arrow worker thread after it returns, and a process exiting then aborts ("terminate called without
-    an active exception", apache/arrow#34314): a task that had done its work fails its Slurm job.
-    ``use_threads=False`` too: a threaded read still aborted at exit once (tests/data/test_partitioned.py, in a full suite run)."""
-    return pq.ParquetFile(f).read(columns=columns, use_threads=False)
+    with arrow_file(path) as f:
+        return pq.ParquetFile(f).read(columns=columns)
 
 
 def write_parquet(path: str, table: pa.Table) -> None:
