@@ -43,7 +43,7 @@ def _queues(run_dir) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(fmnist_shards, tmp_path_factory, torchrun):
     return cached_runs(tmp_path_factory, torchrun, lambda run_dir, stage: _args(fmnist_shards, run_dir, stage),
-                       "albef", timeout=300)
+                       "albef", timeout=300, together=(1, 2))
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -42,7 +42,8 @@ def runs(fmnist_shards, tmp_path_factory, torchrun):
                 f"run.steps={STEPS}", "run.log_every=1", "data.workers=0", "log.tensorboard=false",
                 f"run.dtype={dtype}", *extra, *EVERY_STEP.get(key, [])]
 
-    return cached_runs(tmp_path_factory, torchrun, args, "bf16", timeout=600)
+    return cached_runs(tmp_path_factory, torchrun, args, "bf16", timeout=300,
+                       together=[(name, dtype) for name in OBJECTIVES for dtype in ("fp32", "bf16")])
 
 
 def _losses(run_dir) -> list[float]:

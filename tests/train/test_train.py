@@ -43,7 +43,7 @@ def runs(fmnist_shards, tmp_path_factory, torchrun):
     """Run dirs of uninterrupted ZeRO-1/2/3 runs, built lazily and kept for the module."""
     # ZeRO-1 keeps the last 2 of its 3 checkpoints (run.keep_last), the others the default 3.
     return cached_runs(tmp_path_factory, torchrun, lambda run_dir, stage: _args(
-        fmnist_shards, run_dir, stage, *(["run.keep_last=2"] if stage == 1 else [])), "clip", timeout=600)
+        fmnist_shards, run_dir, stage, *(["run.keep_last=2"] if stage == 1 else [])), "clip", timeout=600, together=(1, 2, 3))
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -4,6 +4,7 @@ a run loaded in a fresh process that must not import DeepSpeed."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import psutil
 import torch
+
+WORKER_MANY = Path(__file__).with_name("dist_runs.py")  # several runs in one launch
 
 # Loads a run in a fresh process and fails if that imported DeepSpeed; saves an image embedding.
 LOAD_WITHOUT_DEEPSPEED = """
@@ -33,17 +36,23 @@ def embed_without_deepspeed(run_dir: Path, tmp_path: Path) -> torch.Tensor:
     return torch.load(out, weights_only=True)
 
 
-def cached_runs(tmp_path_factory, torchrun, args_of, name: str, timeout: float):
-    """``get(stage) -> run dir`` of an uninterrupted run of ``args_of(run_dir, stage)``, launched once per stage."""
+def cached_runs(tmp_path_factory, torchrun, args_of, name: str, timeout: float, together=()):
+    """``get(key) -> run dir`` of an uninterrupted run of ``args_of(run_dir, key)`` (``-m train.main ...``),
+    launched once per key. The first ``get`` of any key in ``together`` runs all of them, in that order,
+    in one launch (dist_runs.py), which pays the process start and imports once."""
     done = {}
 
-    def get(stage):
-        if stage not in done:
-            run_dir = tmp_path_factory.mktemp(f"{name}_zero{stage}")
-            proc = torchrun(args_of(run_dir, stage), timeout=timeout)
+    def get(key):
+        if key not in done:
+            keys = list(together) if key in together else [key]
+            dirs = {k: tmp_path_factory.mktemp(re.sub(r"[^\w-]+", "_", f"{name}_{k}")) for k in keys}
+            args = [args_of(run_dir, k) for k, run_dir in dirs.items()]
+            if len(args) > 1:  # dist_runs.py takes what follows each "-m train.main", runs split by --next
+                args = [[str(WORKER_MANY), *args[0][2:]], *(["--next", *a[2:]] for a in args[1:])]
+            proc = torchrun(sum(args, []), timeout=timeout * len(keys))
             assert proc.returncode == 0, proc.stderr[-4000:]
-            done[stage] = run_dir
-        return done[stage]
+            done.update(dirs)
+        return done[key]
 
     return get
 
