@@ -10,9 +10,9 @@ import uuid
 from typing import Any, Iterator
 
 import fsspec
-from fsspec.utils import infer_compression
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.utils import infer_compression
 
 
 def is_local(path: str) -> bool:

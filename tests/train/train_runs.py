@@ -3,6 +3,7 @@ a run loaded in a fresh process that must not import DeepSpeed."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import psutil
 import torch
 
-WORKER_MANY = Path(__file__).with_name("dist_runs.py")  # several runs in one launch
+DIST_RUNS = Path(__file__).with_name("dist_runs.py")  # several runs in one launch
 
 # Loads a run in a fresh process and fails if that imported DeepSpeed; saves an image embedding.
 LOAD_WITHOUT_DEEPSPEED = """
@@ -46,10 +47,10 @@ def cached_runs(tmp_path_factory, torchrun, args_of, name: str, timeout: float, 
         if key not in done:
             keys = list(together) if key in together else [key]
             dirs = {k: tmp_path_factory.mktemp(re.sub(r"[^\w-]+", "_", f"{name}_{k}")) for k in keys}
-            args = [args_of(run_dir, k) for k, run_dir in dirs.items()]
-            if len(args) > 1:  # dist_runs.py takes what follows each "-m train.main", runs split by --next
-                args = [[str(WORKER_MANY), *args[0][2:]], *(["--next", *a[2:]] for a in args[1:])]
-            proc = torchrun(sum(args, []), timeout=timeout * len(keys))
+            args = args_of(dirs[key], key)
+            if len(keys) > 1:  # dist_runs.py takes what follows each "-m train.main", runs split by --next
+                args = [str(DIST_RUNS), *itertools.chain.from_iterable(["--next", *args_of(d, k)[2:]] for k, d in dirs.items())]
+            proc = torchrun(args, timeout=timeout * len(keys))
             assert proc.returncode == 0, proc.stderr[-4000:]
             done.update(dirs)
         return done[key]
