@@ -1,6 +1,6 @@
 """Run under torchrun (1 or 2 ranks): one step at micro-batch b with grad_accum k vs one at b x k.
 
-argv: OUT_DIR NAME (clip | simclr). Both engines start from the same weights and take one SGD step
+argv: OUT_DIR NAMES (comma-separated clip, simclr: one launch runs each in turn). Both engines start from the same weights and take one SGD step
 (lr 1, so the update is the gradient) on the same samples; rank 0 writes ``accum_{NAME}_{WORLD}.json``
 with the losses and the largest weight difference. SimCLR uses a ViT backbone: BatchNorm statistics
 per micro-batch would differ from those of the whole batch, so no cache could be exact there.
@@ -57,8 +57,7 @@ def step(cfg: TrainConfig, micro_batches: list[dict], world: int, accumulate_fn)
     return outs[-1]["loss"].item(), {n: p.detach().clone() for n, p in objective.named_parameters()}
 
 
-def main(out_dir: str, name: str) -> None:
-    env = parallel.init_distributed("cpu")
+def run(out_dir: str, name: str, env: parallel.DistEnv) -> None:
     path, overrides = CONFIGS[name]
     cfg = config.load(TrainConfig, path, ["run.run_dir=unused", *overrides])
     objective = build(cfg)
@@ -74,8 +73,14 @@ def main(out_dir: str, name: str) -> None:
             json.dump({"cached_loss": cached_loss, "whole_loss": whole_loss, "plain_loss": plain_loss,
                        "cached_vs_whole": diff(cached, reference), "plain_vs_whole": diff(plain, reference),
                        "update": diff(reference, initial)}, f)
+
+
+def main(out_dir: str, names: list[str]) -> None:
+    env = parallel.init_distributed("cpu")
+    for name in names:
+        run(out_dir, name, env)
     parallel.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2].split(","))

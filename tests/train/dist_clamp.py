@@ -1,7 +1,7 @@
 """Run under torchrun (2 ranks): drive CLIP's temperature into its bound under a ZeRO stage, then back.
 
-argv: OUT_DIR STAGE. The loss is -logit_scale for UP steps (descent pushes it up, past the bound
-if nothing stops the optimizer's copy), then +logit_scale. Rank 0 writes ``clamp{STAGE}.json``:
+argv: OUT_DIR STAGES (comma-separated: one launch runs each stage in turn). The loss is -logit_scale for UP steps (descent pushes it up, past the bound
+if nothing stops the optimizer's copy), then +logit_scale. Rank 0 writes ``clamp{STAGE}.json`` per stage:
 the optimizer's fp32 master value and the value forward saw, after every step.
 """
 
@@ -27,13 +27,11 @@ class Driver(CLIPObjective):
         return {"loss": self.sign * self.logit_scale.float().sum() + 0.0 * self.model.weight.sum()}
 
 
-def main(out_dir: str, stage: int) -> None:
-    env = parallel.init_distributed("cpu")
+def run(out_dir: str, stage: int, rank: int, world: int) -> None:
     torch.manual_seed(0)
     objective = Driver(CLIPObjective.Config(max_logit_scale=MAX_SCALE), nn.Linear(2, 2))
     optimizer = torch.optim.SGD(objective.parameters(), lr=0.5)  # no momentum: turns with the loss
-    ds_config = parallel.deepspeed_config(ParallelConfig(zero_stage=stage), RunConfig(run_dir=out_dir, steps=1), 1,
-                                          env.world)
+    ds_config = parallel.deepspeed_config(ParallelConfig(zero_stage=stage), RunConfig(run_dir=out_dir, steps=1), 1, world)
     engine = parallel.wrap(objective, optimizer, ds_config, activation_checkpointing=False)
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -45,11 +43,17 @@ def main(out_dir: str, stage: int) -> None:
         objective.end_step()
         master.append(float(safe_get_full_fp32_param(objective.logit_scale).sum()))  # a collective: all ranks
         seen.append(objective.seen)
-    if env.rank == 0:
+    if rank == 0:
         with open(f"{out_dir}/clamp{stage}.json", "w") as f:
             json.dump({"master": master, "seen": seen, "bound": math.log(MAX_SCALE), "up": UP}, f)
+
+
+def main(out_dir: str, stages: list[int]) -> None:
+    env = parallel.init_distributed("cpu")
+    for stage in stages:
+        run(out_dir, stage, env.rank, env.world)
     parallel.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], [int(stage) for stage in sys.argv[2].split(",")])

@@ -1,9 +1,10 @@
 """Run under torchrun (2 ranks): CLIP loss and gradients vs one process on the global batch.
 
-Writes ``{"dense": {...}, "chunked": {...}, "dense_ids": ..., "chunked_ids": ...}`` of max abs differences
-to argv[1] (rank 0); the ``_ids`` forms give 5 captions per image, image 1's pairs on both ranks.
-With argv[2] == "reduce_scatter" the gather's backward takes its NCCL path (reduce-scatter),
-run here by gloo's own reduce_scatter since NCCL needs GPUs; the calls are counted.
+argv: OUT_DIR BACKWARDS (comma-separated all_reduce, reduce_scatter: one launch runs each in turn). Rank 0
+writes ``{"dense": {...}, "chunked": {...}, "dense_ids": ..., "chunked_ids": ...}`` of max abs differences
+to ``OUT_DIR/{backward}.json``; the ``_ids`` forms give 5 captions per image, image 1's pairs on both ranks.
+With "reduce_scatter" the gather's backward takes its NCCL path (reduce-scatter), run here by gloo's own
+reduce_scatter since NCCL needs GPUs; the calls are counted.
 The single-process reference is computed before the process group exists, so the same
 ``clip_loss`` runs with world size 1 there and 2 afterwards.
 """
@@ -37,17 +38,8 @@ def loss_and_grads(image, text, log_scale, chunk, image_id=None):
     return loss.detach(), image.grad, text.grad, log_scale.grad
 
 
-def main(out_path: str, backward: str) -> None:
-    calls = []
-    if backward == "reduce_scatter":
-        train.gather.REDUCE_SCATTER_BACKENDS.add("gloo")
-        reduce_scatter = dist.reduce_scatter_single
-        dist.reduce_scatter_single = lambda *args, **kwargs: calls.append(1) or reduce_scatter(*args, **kwargs)
+def compare(reference: dict, rank: int, world: int) -> dict:
     image, text, log_scale = inputs()
-    reference = {name: loss_and_grads(image, text, log_scale, chunk, IMAGE_ID if ids else None)
-                 for name, (chunk, ids) in FORMS.items()}
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     b = GLOBAL_BATCH // world
     local = slice(rank * b, (rank + 1) * b)
     result = {}
@@ -65,14 +57,32 @@ def main(out_path: str, backward: str) -> None:
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         result[name] = dict(zip(["loss", "grad_image", "grad_text", "grad_logit_scale"], diffs.tolist()))
         result[name]["loss_value"] = loss.item()
-    result["reduce_scatter_calls"] = len(calls)
     result["dense_vs_chunked_loss"] = abs(result["dense"]["loss_value"] - result["chunked"]["loss_value"])
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(result, f)
+    return result
+
+
+def main(out_dir: str, backwards: list[str]) -> None:
+    image, text, log_scale = inputs()
+    reference = {name: loss_and_grads(image, text, log_scale, chunk, IMAGE_ID if ids else None)
+                 for name, (chunk, ids) in FORMS.items()}
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    calls = []
+    reduce_scatter = dist.reduce_scatter_single
+    dist.reduce_scatter_single = lambda *args, **kwargs: calls.append(1) or reduce_scatter(*args, **kwargs)
+    for backward in backwards:
+        if backward == "reduce_scatter":
+            train.gather.REDUCE_SCATTER_BACKENDS.add("gloo")
+        else:
+            train.gather.REDUCE_SCATTER_BACKENDS.discard("gloo")
+        calls.clear()
+        result = {**compare(reference, rank, world), "reduce_scatter_calls": len(calls)}
+        if rank == 0:
+            with open(f"{out_dir}/{backward}.json", "w") as f:
+                json.dump(result, f)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "all_reduce")
+    main(sys.argv[1], sys.argv[2].split(","))

@@ -9,13 +9,21 @@ import json
 import pytest
 
 pytestmark = pytest.mark.slow
+LAUNCHES = {1: ("clip",), 2: ("clip", "simclr")}  # world -> objectives, run in turn in one launch
 
 
-@pytest.mark.parametrize("name, world", [("clip", 1), ("clip", 2), ("simclr", 2)])
-def test_cached_accumulation_equals_one_step_on_the_whole_batch(name, world, tmp_path, torchrun):
-    proc = torchrun(["tests/train/dist_accum.py", str(tmp_path), name], nproc=world, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads((tmp_path / f"accum_{name}_{world}.json").read_text())
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, torchrun):
+    out = tmp_path_factory.mktemp("accum")
+    for world, names in LAUNCHES.items():
+        proc = torchrun(["tests/train/dist_accum.py", str(out), ",".join(names)], nproc=world, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("name, world", [(name, world) for world, names in LAUNCHES.items() for name in names])
+def test_cached_accumulation_equals_one_step_on_the_whole_batch(name, world, results):
+    result = json.loads((results / f"accum_{name}_{world}.json").read_text())
     assert result["cached_loss"] == pytest.approx(result["whole_loss"], abs=1e-5), result
     assert result["cached_vs_whole"] < 1e-5 < result["update"], result
     assert result["plain_vs_whole"] > 1e-4 and abs(result["plain_loss"] - result["whole_loss"]) > 1e-3, result

@@ -33,13 +33,22 @@ def test_chunked_logsumexp_gradcheck():
     assert torch.autograd.gradcheck(lambda q, k, s: ChunkedLogSumExp.apply(q, k, s, 2), (q, k, scale))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backward", ["all_reduce", "reduce_scatter"])  # gloo's path, NCCL's path (on gloo)
-def test_two_ranks_equal_single_process_on_global_batch(tmp_path, torchrun, backward):
-    out = tmp_path / "result.json"
-    proc = torchrun(["tests/train/dist_clip_loss.py", str(out), backward])
+BACKWARDS = ("all_reduce", "reduce_scatter")  # gloo's path, NCCL's path (on gloo)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, torchrun):
+    """One 2-rank launch compares both backward paths in turn."""
+    out = tmp_path_factory.mktemp("clip_loss")
+    proc = torchrun(["tests/train/dist_clip_loss.py", str(out), ",".join(BACKWARDS)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_two_ranks_equal_single_process_on_global_batch(two_ranks, backward):
+    result = json.loads((two_ranks / f"{backward}.json").read_text())
     for form in ("dense", "chunked", "dense_ids", "chunked_ids"):  # _ids: 5 captions per image, across ranks
         for key in ("loss", "grad_image", "grad_text", "grad_logit_scale"):
             assert result[form][key] < 1e-5, (form, key, result[form][key])

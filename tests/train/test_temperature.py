@@ -10,13 +10,21 @@ import json
 import pytest
 
 pytestmark = pytest.mark.slow
+STAGES = (1, 2, 3)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_temperature_stays_at_its_bound_in_the_master_copy_and_comes_back(stage, tmp_path, torchrun):
-    proc = torchrun(["tests/train/dist_clamp.py", str(tmp_path), str(stage)], timeout=180)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, torchrun):
+    """One launch drives every stage in turn (process start and imports paid once)."""
+    out = tmp_path_factory.mktemp("clamp")
+    proc = torchrun(["tests/train/dist_clamp.py", str(out), ",".join(map(str, STAGES))], timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    run = json.loads((tmp_path / f"clamp{stage}.json").read_text())
+    return out
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_temperature_stays_at_its_bound_in_the_master_copy_and_comes_back(stage, runs):
+    run = json.loads((runs / f"clamp{stage}.json").read_text())
     bound, up = run["bound"], run["up"]
     assert max(run["master"]) <= bound + 1e-6 and max(run["seen"]) <= bound + 1e-6, run
     assert run["master"][up - 1] == pytest.approx(bound), run  # it reached the bound and stayed there
