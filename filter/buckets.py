@@ -4,19 +4,25 @@ Comparing every pair of n items is quadratic, and one index over all of them doe
 task. So, as an IVF index does, a coarse quantiser sends each item to a few buckets and pairs are
 sought only within a bucket. As a dedupe level (:class:`BucketLevel`, filter/dedupe.py's interface):
 
-- ``prepare`` (once): spherical k-means with ``n / bucket size`` centroids on a fixed-size seeded
-  sample of the rows in the running (training cost and memory independent of n; faiss on GPU
-  when one is present), saved as ``centroids.npy`` in the level's folder;
+- ``prepare`` (once): spherical k-means with ``n / bucket size`` centroids, at most ``sample /
+  POINTS_PER_CENTROID``, on a fixed-size seeded sample of the rows in the running (training cost
+  and memory independent of n; faiss on GPU when one is present), saved as ``centroids.npy`` in
+  the level's folder;
 - ``map`` (per part): each row's nearest ``probes`` centroids for each of its keys (copies near a
   bucket boundary still meet), computed in chunks from the part's memory-mapped array; a record
   (row, part, index, bucket) per bucket it joins, sent to partition ``bucket % partitions``;
 - ``reduce`` (per partition): bucket by bucket, load only that bucket's members from the parts'
-  memory-mapped arrays and find the pairs among them.
+  memory-mapped arrays and find the pairs among them. A bucket holding more than ``SPLIT_ABOVE``
+  times the records expected of it (past the centroid cap, ~n / cap rows, or a crowded k-means
+  cell) is cut the same way first: k-means on its members, each joining its nearest ``probes``
+  cells, so a row's search stays ``fanout x bucket size`` wide at any n (fanout: keys x probes).
 
 Memory: a map holds a chunk, a reduce its records and one bucket's members (not the dataset).
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -27,6 +33,10 @@ from pipeline.core.io import atomic_write
 from pipeline.core.partition import split
 
 HNSW_ABOVE = 4096  # more centroids than this: assign through an HNSW graph (flat search costs a row O(centroids))
+# k-means needs tens of sample rows per centroid (faiss warns below 39): past sample / this centroids, the
+# buckets grow with n instead and the reduce cuts them (at the default sample of 262,144: 4,096 centroids)
+POINTS_PER_CENTROID = 64
+SPLIT_ABOVE = 2  # a bucket with more than this many times its expected records (fanout x bucket size) is cut
 
 
 def sample_rows(sizes: list[int], size: int, seed: int = 0) -> list[np.ndarray]:
@@ -114,23 +124,25 @@ class BucketLevel(Level):
         x = np.concatenate(chunks[1:]) if len(chunks) > 1 else chunks[0]
         x = x[np.argsort(np.concatenate(rows), kind="stable")]  # in input order, whatever the parts: k-means' seeding depends on it
         with atomic_write(self._centroids) as f:
-            np.save(f, train(x, sum(counts) // size))
+            np.save(f, train(x, min(sum(counts) // size, sample // POINTS_PER_CENTROID)))
 
     def map(self, part: int, table: pa.Table) -> dict[int, pa.Table]:
         centroids, probes = np.load(self._centroids), self.settings()[1]
         index, array = table["index"].to_numpy(), self.ctx.arrays(part, self.kind)
-        assigned = [np.zeros((0, self.n_keys * min(probes, len(centroids))), np.int32)]
-        for start in range(0, len(index), self.chunk_rows):
-            keys = self.keys(np.asarray(array[index[start : start + self.chunk_rows]]))
-            assigned.append(np.hstack([assign(k, centroids, probes, self.chunk_rows) for k in keys]))
-        assigned = np.concatenate(assigned)
-        position = np.repeat(np.arange(len(index)), assigned.shape[1])
-        key = np.unique(assigned.ravel().astype(np.int64) * max(1, len(index)) + position)  # each (bucket, row) once
-        bucket, position = key // max(1, len(index)), key % max(1, len(index))
+        step = self.chunk_rows
+        bucket, position = memberships(self.nearest((array[index[i : i + step]] for i in range(0, len(index), step)), centroids, probes))
         out = pa.table({"row": table["row"].take(position), "part": table["part"].take(position),
                         "index": pa.array(index[position]), "bucket": pa.array(bucket.astype(np.int32))})
         partition = bucket % self.partitions
         return split(out, partition)
+
+    def nearest(self, chunks: Iterator[np.ndarray], centroids: np.ndarray, probes: int) -> np.ndarray:
+        """(rows, n_keys x probes) int32: the nearest ``probes`` centroids of each key of the rows, a chunk of
+        rows at a time (only a chunk's keys are ever float32)."""
+        out = [np.zeros((0, self.n_keys * min(probes, len(centroids))), np.int32)]
+        for chunk in chunks:
+            out.append(np.hstack([assign(k, centroids, probes, self.chunk_rows) for k in self.keys(np.asarray(chunk))]))
+        return np.concatenate(out)
 
     def reduce(self, partition: int, table: pa.Table) -> np.ndarray:
         table = table.sort_by([("bucket", "ascending"), ("row", "ascending")])
@@ -146,5 +158,30 @@ class BucketLevel(Level):
                 x = np.asarray(self.ctx.arrays(int(p), self.kind)[index[lo:hi][mine]])
                 members = np.empty((hi - lo, *x.shape[1:]), x.dtype) if members is None else members
                 members[mine] = x
-            found.append(row[lo:hi][self.find_pairs(members)])
+            found.append(row[lo:hi][self.bucket_pairs(members)])
         return np.concatenate(found).astype(np.int64)
+
+    def bucket_pairs(self, members: np.ndarray) -> np.ndarray:
+        """``find_pairs`` over one bucket's members, within cells of a k-means of their own when the
+        bucket is too large to search whole (see the module's docstring)."""
+        size, probes, sample = self.settings()
+        if len(members) <= SPLIT_ABOVE * self.fanout * size:
+            return self.find_pairs(members)
+        cells, step = int(len(members) * self.fanout // size), self.chunk_rows  # ~size records a cell, as in the uncut regime
+        picked = sample_rows([len(members)], max(sample, cells * POINTS_PER_CENTROID))[0]
+        centroids = train(self.keys(members[picked])[0], cells)
+        cell, position = memberships(self.nearest((members[i : i + step] for i in range(0, len(members), step)), centroids, probes))
+        bounds = np.flatnonzero(np.diff(cell)) + 1
+        found = [NO_PAIRS]
+        for lo, hi in zip([0, *bounds], [*bounds, len(cell)]):
+            if hi - lo >= 2:
+                mine = position[lo:hi]  # ascending: a cell's members in row order, as find_pairs expects
+                found.append(mine[self.find_pairs(members[mine])])
+        return np.concatenate(found)
+
+
+def memberships(assigned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) cells per item -> (cell, item) for each distinct (cell, item), sorted by cell, then item."""
+    n = max(1, len(assigned))
+    key = np.unique(assigned.ravel().astype(np.int64) * n + np.repeat(np.arange(len(assigned)), assigned.shape[1]))
+    return key // n, key % n

@@ -43,7 +43,7 @@ from filter import STEPS, Phase, Step, decisions, dropped, phash
 from filter.near_dup import PixelDedupeConfig, thumbnail
 from pipeline.core.io import atomic_write, exists, read_parquet, write_parquet
 from pipeline.core.log import get_logger
-from pipeline.core.partition import components, hash_partition, hex_digests, mix64, read_partition, split, text_digests, write_partitioned
+from pipeline.core.partition import components, hash_partition, hex_digests, partition_of, read_partition, split, text_digests, write_partitioned
 from pipeline.core.registry import Registry
 
 log = get_logger(__name__)
@@ -59,7 +59,7 @@ class EmbeddingDedupeConfig:
     background_k: int = 10
     cluster_size: int = 2000  # SemDeDup: n / cluster_size k-means clusters (larger: better recall, quadratic cost)
     probes: int = 1  # clusters each item joins (its nearest centroids): copies on a cluster boundary still meet
-    sample: int = 262144  # k-means training rows (a fixed seeded sample: every row when there are fewer)
+    sample: int = 262144  # k-means training rows (a fixed seeded sample: every row when there are fewer); at most sample / 64 centroids
     block_rows: int = 2048  # similarity rows computed at once within a cluster: memory block_rows x members
 
 
@@ -192,7 +192,7 @@ class Phash(Level):
         # the reduce recomputes the key value from the hashes: records stay 30 bytes
         out = pa.table({"row": table["row"].take(item), "part": table["part"].cast(pa.int32()).take(item), "key": key,
                         "orient": orient, "h0": hashes[item, 0], "h1": hashes[item, 1]})
-        partition = (mix64(value ^ key.astype(np.uint64)) % np.uint64(self.partitions)).astype(np.int64)  # a key value -> one partition
+        partition = partition_of(value ^ key.astype(np.uint64), self.partitions)  # a key value -> one partition
         return split(out, partition)
 
     def reduce(self, partition: int, table: pa.Table) -> np.ndarray:

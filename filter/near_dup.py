@@ -37,7 +37,7 @@ class PixelDedupeConfig(PixelMatchConfig):
     # k-means cells of the descriptors; each image joins the nearest `probes` of its own and of its mirror's.
     bucket_size: int = 20000  # the kNN inside a bucket is exact: a row's cost grows with this, recall too
     probes: int = 2  # buckets an image joins per orientation (its descriptor's nearest cells): 1 lost 10% of copies at 50k rows
-    sample: int = 262144  # k-means training rows (a fixed seeded sample: every row when there are fewer)
+    sample: int = 262144  # k-means training rows (a fixed seeded sample: every row when there are fewer); at most sample / 64 centroids
 
 
 def thumbnail(image: bytes | Image.Image, cfg: PixelMatchConfig) -> np.ndarray:

@@ -66,11 +66,16 @@ def mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
+    """(n,) int64 partition of each uint64 key: its mix64 modulo the count."""
+    return (mix64(keys) % np.uint64(partitions)).astype(np.int64)
+
+
 def hash_partition(digests: np.ndarray, partitions: int) -> np.ndarray:
     """(n,) partition of each (n, k) uint8 digest (k a multiple of 8): its 8-byte words folded and mixed,
     so ids that differ only in their last bytes (a given uid counting up in hex) still spread evenly."""
     words = np.ascontiguousarray(digests).view("<u8")
-    return (mix64(np.bitwise_xor.reduce(words, axis=1)) % np.uint64(partitions)).astype(np.int64)
+    return partition_of(np.bitwise_xor.reduce(words, axis=1), partitions)
 
 
 def hex_digests(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:

@@ -3,9 +3,10 @@
 Synthetic inputs with planted copies: 64-d unit embeddings around topic centres (copies at cosine
 ~0.99), and 28x28 thumbnails from benchmarks/dedupe_scale.py (JPEG re-encoded, shifted, mirrored
 copies). One bucket must give exactly the exact search's pairs; many buckets (with two probes) at
-least 95% of them and nothing the thresholds reject; and the embedding level run through the
-dedupe step's phases over 3 parts and several reduce tasks, with one reduce task SIGKILLed
-mid-write and redone, gives the decisions of the in-memory run.
+least 95% of them and nothing the thresholds reject, also when the centroids are capped and the
+reduce cuts its one bucket; and the embedding level run through the dedupe step's phases over 3
+parts and several reduce tasks, with one reduce task SIGKILLed mid-write and redone, gives the
+decisions of the in-memory run.
 """
 
 import dataclasses
@@ -24,7 +25,8 @@ from filter import StepContext
 from filter.buckets import assign, sample_rows, train
 from filter.dedupe import DedupeConfig, EmbeddingDedupeConfig, Dedupe, Features, roots
 from filter.near_dup import PixelDedupeConfig, groups, matching_pairs
-from filter.semdedup import cluster_pairs
+from filter.pixel_dedupe import Pixel
+from filter.semdedup import Embedding, cluster_pairs
 from pipeline.core.io import write_json, write_parquet
 from pipeline.core.shards import Layout
 
@@ -85,6 +87,38 @@ def test_pixel_level_buckets_keep_recall_of_planted_copies(tmp_path):
     root = roots("pixel", features(thumbs=thumbs), many)
     found = root[copies] == root[source]
     assert found.mean() >= 0.95 and (root[exact == np.arange(len(thumbs))] == np.flatnonzero(exact == np.arange(len(thumbs)))).all()
+
+
+def searched_widths(monkeypatch) -> list:
+    """The member counts of every ``find_pairs`` call of the bucketed levels, recorded as they run."""
+    widths = []
+    for level in (Embedding, Pixel):
+        original = level.find_pairs
+        monkeypatch.setattr(level, "find_pairs", lambda self, x, original=original: widths.append(len(x)) or original(self, x))
+    return widths
+
+
+def test_buckets_past_the_centroid_cap_are_cut_and_keep_recall(tmp_path, monkeypatch):
+    """A sample of 8 rows, against the 15 centroids that 1500 rows in buckets of 100 ask for (faiss refused
+    to train on fewer points than centroids: with the default sample and the embedding level's clusters
+    of 5,000, past 1.3 x 10^9 rows), now trains one centroid: the one bucket holds every row, and the
+    reduce cuts it into cells of about the bucket size."""
+    widths = searched_widths(monkeypatch)
+    x = embeddings()
+    exact = groups(len(x), np.array(sorted(exact_pairs(x, EMB))))
+    capped = DedupeConfig(levels=["embedding"], embedding=dataclasses.replace(EMB, cluster_size=100, sample=8))
+    root = roots("embedding", features(emb=x), capped)
+    dropped, should = root != np.arange(len(x)), exact != np.arange(len(x))
+    assert (dropped & should).sum() >= 0.95 * should.sum() and not (dropped & ~should).any()
+    assert len(widths) >= 10 and max(widths) <= 2 * 2 * 100  # 15 cells (each row in its 2 nearest), not 1500 rows at once
+
+    widths.clear()
+    (path,), copies, source = synthetic_thumbs(str(tmp_path), 1000, 1000, rate=0.05)
+    thumbs = np.load(path)
+    pixel = PixelDedupeConfig(size=28, max_rms=4.25, bucket_size=100, probes=2, sample=8)
+    root = roots("pixel", features(thumbs=thumbs), DedupeConfig(levels=["pixel"], pixel=pixel))
+    assert (root[copies] == root[source]).mean() >= 0.95
+    assert len(widths) >= 10 and max(widths) <= 2 * 2 * 2 * 100  # 10 cells (2 orientations x 2 probes), not 1000 at once
 
 
 def test_sample_is_fixed_size_seeded_and_assignment_is_chunk_blind():
