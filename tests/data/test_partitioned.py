@@ -7,6 +7,7 @@ over all rows at once (np.unique first-of-group; filter/phash.py's keyed search 
 filter/near_dup.py's union-find over the whole set), as the build ran it before.
 """
 
+import functools
 import os
 import signal
 import subprocess
@@ -21,7 +22,8 @@ from filter import StepContext, phash
 from filter.dedupe import Dedupe, DedupeConfig
 from filter.near_dup import groups
 from pipeline import reshard
-from pipeline.core.io import write_json, write_parquet
+from pipeline.core.executors import ExecutorConfig, Local
+from pipeline.core.io import read_json, write_json, write_parquet
 from pipeline.core.partition import hex_digests, split
 from pipeline.core.shards import Layout
 
@@ -191,3 +193,24 @@ def test_uids_that_count_up_in_hex_spread_evenly_over_partitions():
     uids = pa.array([f"{i:032x}" for i in range(48_000)])
     sizes = np.bincount(hash_partition(hex_digests(uids, 32), 48), minlength=48)
     assert sizes.max() < 1.1 * sizes.mean(), sizes
+
+
+def _report_threads(folder: str, task: int) -> None:
+    import threadpoolctl
+
+    pools = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "openmp"]
+    write_json(f"{folder}/{task}.json", {"env": os.environ.get("OMP_NUM_THREADS"), "pools": pools})
+
+
+def test_pool_workers_split_the_cores_between_their_openmp_pools(tmp_path):
+    """Two workers on this machine's cores: each task's OpenMP pools (faiss's, loaded by the preload before
+    any task, and those a task loads) hold cores / 2 threads, not one per core each."""
+    executor = Local(ExecutorConfig(workers=2), fresh_process=True)
+    try:
+        executor.map(functools.partial(_report_threads, str(tmp_path)), range(2))
+    finally:
+        executor.close()
+    expected = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
+    for task in range(2):
+        seen = read_json(str(tmp_path / f"{task}.json"))
+        assert seen["env"] == expected and seen["pools"] and set(seen["pools"]) == {int(expected)}, seen
