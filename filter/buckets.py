@@ -147,11 +147,8 @@ class BucketLevel(Level):
     def reduce(self, partition: int, table: pa.Table) -> np.ndarray:
         table = table.sort_by([("bucket", "ascending"), ("row", "ascending")])
         row, part, index, bucket = (table[c].to_numpy() for c in ("row", "part", "index", "bucket"))
-        bounds = np.flatnonzero(np.diff(bucket)) + 1
         found = [NO_PAIRS]
-        for lo, hi in zip([0, *bounds], [*bounds, len(bucket)]):
-            if hi - lo < 2:
-                continue
+        for lo, hi in groups_of_two_or_more(bucket):
             members = None
             for p in np.unique(part[lo:hi]):  # only this bucket's rows, part by part, placed in row order
                 mine = np.flatnonzero(part[lo:hi] == p)
@@ -171,13 +168,17 @@ class BucketLevel(Level):
         picked = sample_rows([len(members)], max(sample, cells * POINTS_PER_CENTROID))[0]
         centroids = train(self.keys(members[picked])[0], cells)
         cell, position = memberships(self.nearest((members[i : i + step] for i in range(0, len(members), step)), centroids, probes))
-        bounds = np.flatnonzero(np.diff(cell)) + 1
         found = [NO_PAIRS]
-        for lo, hi in zip([0, *bounds], [*bounds, len(cell)]):
-            if hi - lo >= 2:
-                mine = position[lo:hi]  # ascending: a cell's members in row order, as find_pairs expects
-                found.append(mine[self.find_pairs(members[mine])])
+        for lo, hi in groups_of_two_or_more(cell):
+            mine = position[lo:hi]  # ascending: a cell's members in row order, as find_pairs expects
+            found.append(mine[self.find_pairs(members[mine])])
         return np.concatenate(found)
+
+
+def groups_of_two_or_more(sorted_keys: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(lo, hi) of each run of equal values in ``sorted_keys`` that holds at least two items."""
+    bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
+    return ((lo, hi) for lo, hi in zip([0, *bounds], [*bounds, len(sorted_keys)]) if hi - lo >= 2)
 
 
 def memberships(assigned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
