@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     levels = args.levels.split(",")
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir or None) as root:
         start = time.perf_counter()
         planted = synthesise(root, args.rows, args.part_size, levels, args.rate, tars=args.tars)
