@@ -201,6 +201,7 @@ def main() -> None:
                   "cpus": os.cpu_count(), "synthesis_s": round(synth_s, 1), "phases": summarise(usage, args.rows),
                   "total_wall_s": round(sum(p["wall_s"] for p in usage), 1), "dedupe": accuracy(build.layout, parts, args.rows, planted),
                   "kept": stats["kept"], "shards": stats["shards"], "dropped": stats["dropped"],
+                  "unaccounted": args.rows - stats["kept"] - sum(n for reasons in stats["dropped"].values() for n in reasons.values()),
                   "config": args.config, "dedupe_config": {level: config.to_dict(getattr(cfg.dedupe, level)) for level in levels
                                                            if hasattr(cfg.dedupe, level)}}
     print(json.dumps(result, indent=1))

@@ -123,7 +123,7 @@ def shard_column(layout: Layout, table: pa.Table, part: int, rows: pa.Array) -> 
     """The output shard of each of the part's ``rows`` (-1 for rows not kept)."""
     survivors = read_parquet(survivors_path(layout, part), ["row"])["row"]
     start, total = int(table["offset"][part].as_py()), int(pc.sum(table["survivors"]).as_py() or 0)
-    position = np.asarray(pc.fill_null(pc.index_in(rows, value_set=survivors), -1))
+    position = np.asarray(pc.fill_null(pc.index_in(rows, value_set=survivors), -1), np.int64)  # int32: x shards passes 2^31 at ~2M kept
     shard = np.where(position >= 0, (start + position) * shards_of(table) // max(total, 1), -1)
     return pa.array(shard, pa.int64())
 

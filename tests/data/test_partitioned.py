@@ -137,6 +137,18 @@ def test_shard_runs_from_the_prefix_sum_match_a_cut_of_every_row(total, count):
     assert np.array_equal(np.repeat(np.arange(count), np.diff(bounds)), np.arange(total) * count // total)
 
 
+def test_the_manifest_shard_of_a_late_part_matches_the_shard_runs_past_int32_products(tmp_path):
+    # 3.6M survivors over 1,800 shards: output position x shard count passes 2^31 (a 4M-row build
+    # once marked a third of its kept rows as in no shard, or the wrong one)
+    layout, counts, shards = Layout(str(tmp_path)), np.array([3_000_000, 600_000]), 1_800
+    plan = pa.table({"part": [0, 1], "offset": [0, 3_000_000], "survivors": counts}).replace_schema_metadata({"shards": str(shards)})
+    write_parquet(reshard.survivors_path(layout, 1), pa.table({"row": np.arange(0, 1_200_000, 2)}))
+    rows = pa.array(np.arange(0, 1_200_000, 1000))
+    shard = reshard.shard_column(layout, plan, 1, rows).to_numpy()
+    position = 3_000_000 + np.arange(0, 1_200_000, 1000) // 2
+    assert np.array_equal(shard, np.searchsorted(reshard.shard_bounds(int(counts.sum()), shards), position, side="right") - 1)
+
+
 def test_split_gives_each_partition_its_rows_in_order():
     """The map tasks' cut by partition: every row once, in its partition, in input order there."""
     rng = np.random.default_rng(0)
