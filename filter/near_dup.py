@@ -50,13 +50,16 @@ def thumbnail(image: bytes | Image.Image, cfg: PixelMatchConfig) -> np.ndarray:
 
 
 def descriptor(thumbs: np.ndarray, chunk_rows: int = 4096) -> np.ndarray:
-    """(N, 64) float32 unit-norm log-magnitudes of the 8x8 lowest frequencies: blind to translation.
+    """(N, 64) float32 unit-norm square-root magnitudes of the 8x8 lowest frequencies: blind to translation.
+    Square roots, not logs: a log blows up the noise of the weak coefficients, and a one-pixel shift (not
+    circular: an edge column repeats) lost copies. On synthetic thumbnails, 1.8% of shifted copies fell out of
+    their original's 8 nearest among 80,000, and 8.9% out of its 2 nearest of 200 k-means cells (square roots: 0, 0.5%).
     In chunks: the FFT's complex128 scratch is ``chunk_rows`` images, not all of them."""
     out = np.empty((len(thumbs), 64), np.float32)
     for start in range(0, len(thumbs), chunk_rows):
         x = np.asarray(thumbs[start : start + chunk_rows], np.float32)
         spectrum = np.abs(np.fft.fft2(x - x.mean((1, 2), keepdims=True)))[:, :8, :8]
-        d = np.log1p(spectrum).reshape(len(x), -1).astype(np.float32)
+        d = np.sqrt(spectrum).reshape(len(x), -1).astype(np.float32)
         out[start : start + len(x)] = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-6)
     return out
 
